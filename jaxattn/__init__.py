@@ -1,0 +1,47 @@
+"""jaxattn: attention weights derived in closed form from corpus n-gram statistics.
+
+The public surface is re-exported here; implementation lives in modules named after
+what they hold (corpus, counts, embeddings, derive, model, alignment, pipeline, report, cli).
+"""
+
+from jaxattn.alignment import alignment_metrics, expected_attention, query_metrics, sample_sequences
+from jaxattn.corpus import Corpus, Tokenizer, load_corpus
+from jaxattn.counts import CountMatrix, SparseMatrix, count_matrix, count_tables, manifold_matrix, probability_matrix
+from jaxattn.derive import derive_params, derive_qk, derive_vo, normalize_std
+from jaxattn.embeddings import base_embeddings, ngram_embeddings
+from jaxattn.errors import JaxattnError, MemoryBudgetError
+from jaxattn.model import DerivedTransformer, ModelConfig, forward, forward_batch, preset
+from jaxattn.svd import truncated_svd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Corpus",
+    "CountMatrix",
+    "DerivedTransformer",
+    "JaxattnError",
+    "MemoryBudgetError",
+    "ModelConfig",
+    "SparseMatrix",
+    "Tokenizer",
+    "__version__",
+    "alignment_metrics",
+    "base_embeddings",
+    "count_matrix",
+    "count_tables",
+    "derive_params",
+    "derive_qk",
+    "derive_vo",
+    "expected_attention",
+    "forward",
+    "forward_batch",
+    "load_corpus",
+    "manifold_matrix",
+    "ngram_embeddings",
+    "normalize_std",
+    "preset",
+    "probability_matrix",
+    "query_metrics",
+    "sample_sequences",
+    "truncated_svd",
+]

@@ -1,0 +1,317 @@
+"""The frozen derived transformer: config, presets, a pure forward function and an NNX module.
+
+Axis vocabulary (einsum letters in brackets):
+    B batch [b], L layers [l], H heads [h], T query positions [t], S key positions [s],
+    D d_model [d], K d_head [k], F MLP width 4*D [f], V vocabulary [v].
+
+The forward pass is written for one sequence; :func:`forward_batch` vmaps it over a batch.
+Attention inside a layer is one single-head kernel vmapped over heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.errors import JaxattnError
+
+Params = dict[str, jax.Array]
+
+_LAYER_KEYS = ("wq", "wk", "wv", "wo", "ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias", "w1", "b1", "w2", "b2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static configuration of a derived model.
+
+    Attributes:
+        vocab_size: V.
+        d_model: D.
+        d_head: K, also the SVD rank.
+        num_layers: L.
+        num_heads: H.
+        max_n: layer l uses n = min(l + 1, max_n).
+        max_s: head h uses s = min(h, max_s).
+        weight_std: per-layer std of the stacked W_Q, W_K, W_V, W_O (None: no rescaling).
+        layernorm: apply pre-LayerNorms.
+        mlp: include the random, untrained GELU MLP.
+        mlp_std: std of the MLP weights.
+        tokenizer: "char" or "word" (recorded; the model only sees ids).
+    """
+
+    vocab_size: int
+    d_model: int = 768
+    d_head: int = 64
+    num_layers: int = 12
+    num_heads: int = 12
+    max_n: int = 2
+    max_s: int = 3
+    weight_std: float | None = 0.01
+    layernorm: bool = True
+    mlp: bool = True
+    mlp_std: float = 0.02
+    tokenizer: str = "char"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "d_head", "num_layers", "num_heads", "max_n"):
+            if int(getattr(self, name)) < 1:
+                raise JaxattnError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_s < 0:
+            raise JaxattnError(f"max_s={self.max_s} must be >= 0")
+        if self.d_head > self.d_model:
+            raise JaxattnError(f"d_head={self.d_head} > d_model={self.d_model}")
+
+    def layout(self, layer: int, head: int) -> tuple[int, int]:
+        """(n, s) used by a layer and head."""
+        return min(layer + 1, self.max_n), min(head, self.max_s)
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every (n, s) table the model needs (plus the (n-1, 0) tables the n-gram embeddings need)."""
+        need = {self.layout(l, h) for l in range(self.num_layers) for h in range(self.num_heads)}
+        for n, _ in list(need):
+            for m in range(1, n):
+                need.add((m, 0))
+        return sorted(need)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed's configuration (SPEC §2).
+    "seed": dict(d_model=768, d_head=64, num_layers=12, num_heads=12, max_n=2, max_s=3, weight_std=0.01),
+    # Fast runs and tests: same layout rules, every (n, s) still present.
+    "small": dict(d_model=128, d_head=32, num_layers=4, num_heads=4, max_n=2, max_s=3, weight_std=0.01),
+}
+
+
+def preset(name: str, vocab_size: int, **overrides: Any) -> ModelConfig:
+    """A named preset ("seed" or "small") for a vocabulary.
+
+    Raises:
+        JaxattnError: unknown preset name.
+    """
+    if name not in PRESETS:
+        raise JaxattnError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    kw = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return ModelConfig(vocab_size=int(vocab_size), **kw)
+
+
+def init_mlp(key: jax.Array, config: ModelConfig) -> Params:
+    """Untrained MLP and LayerNorm parameters, stacked over layers.
+
+    Returns:
+        w1 [L, D, F], b1 [L, F], w2 [L, F, D], b2 [L, D], ln{1,2}_{scale,bias} [L, D],
+        lnf_scale, lnf_bias [D].
+    """
+    L, D = config.num_layers, config.d_model
+    F = 4 * D
+    k1, k2 = jax.random.split(key)
+    return {
+        "w1": config.mlp_std * jax.random.normal(k1, (L, D, F), jnp.float32),
+        "b1": jnp.zeros((L, F), jnp.float32),
+        "w2": config.mlp_std * jax.random.normal(k2, (L, F, D), jnp.float32),
+        "b2": jnp.zeros((L, D), jnp.float32),
+        "ln1_scale": jnp.ones((L, D), jnp.float32),
+        "ln1_bias": jnp.zeros((L, D), jnp.float32),
+        "ln2_scale": jnp.ones((L, D), jnp.float32),
+        "ln2_bias": jnp.zeros((L, D), jnp.float32),
+        "lnf_scale": jnp.ones((D,), jnp.float32),
+        "lnf_bias": jnp.zeros((D,), jnp.float32),
+    }
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mu = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.var(x32, axis=-1, keepdims=True)
+    return ((x32 - mu) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
+
+
+def causal_softmax(scores: jax.Array) -> jax.Array:
+    """Row softmax in float32 over keys ``s <= t``.
+
+    Args:
+        scores: [T, S] logits.
+
+    Returns:
+        float32 [T, S] probabilities, exactly zero above the diagonal.
+    """
+    T, S = scores.shape
+    causal = jnp.tril(jnp.ones((T, S), dtype=bool))
+    s32 = scores.astype(jnp.float32)
+    s32 = jnp.where(causal, s32, jnp.finfo(jnp.float32).min)
+    return jnp.where(causal, jax.nn.softmax(s32, axis=-1), 0.0)
+
+
+def attention_head(
+    q_in: jax.Array,
+    k_in: jax.Array,
+    v_in: jax.Array,
+    wq: jax.Array,
+    wk: jax.Array,
+    wv: jax.Array,
+    wo: jax.Array,
+    logits: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One causal attention head on one sequence.
+
+    Args:
+        q_in: [T, D] query-side input.
+        k_in: [T, D] key-side input.
+        v_in: [T, D] value-side input.
+        wq, wk, wv: [D, K].
+        wo: [K, D].
+        logits: optional [T, T] scores that replace ``q k^T / sqrt(K)`` (Option 2).
+
+    Returns:
+        out [T, D], probs float32 [T, T].
+    """
+    if logits is None:
+        q = jnp.einsum("td,dk->tk", q_in, wq)
+        k = jnp.einsum("sd,dk->sk", k_in, wk)
+        logits = jnp.einsum("tk,sk->ts", q, k) / jnp.sqrt(jnp.asarray(wq.shape[-1], jnp.float32))
+    probs = causal_softmax(logits)
+    v = jnp.einsum("sd,dk->sk", v_in, wv)
+    out = jnp.einsum("ts,sk,kd->td", probs.astype(v.dtype), v, wo)
+    return out, probs
+
+
+# Heads share the inputs and differ in weights (and optional logits).
+_heads = jax.vmap(attention_head, in_axes=(None, None, None, 0, 0, 0, 0, 0), out_axes=(0, 0))
+_heads_nologits = jax.vmap(
+    lambda q, k, v, wq, wk, wv, wo: attention_head(q, k, v, wq, wk, wv, wo), in_axes=(None, None, None, 0, 0, 0, 0)
+)
+
+
+class ForwardOutput(NamedTuple):
+    """Outputs of :func:`forward`.
+
+    Attributes:
+        logits: [T, V] next-token logits (tied unembedding).
+        attn: float32 [L, H, T, T] attention probabilities.
+        query_inputs: [L, T, D] the query-side input of every layer (None unless asked).
+    """
+
+    logits: jax.Array
+    attn: jax.Array
+    query_inputs: jax.Array | None
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    config: ModelConfig,
+    *,
+    qk_inputs: tuple[jax.Array, jax.Array] | None = None,
+    attn_logits: jax.Array | None = None,
+    return_inputs: bool = False,
+) -> ForwardOutput:
+    """Runs the frozen pre-LN decoder on one sequence.
+
+    Args:
+        params: the parameter pytree (``embed`` [V, D]; ``wq``, ``wk``, ``wv`` [L, H, D, K];
+            ``wo`` [L, H, K, D]; MLP and LayerNorm arrays from :func:`init_mlp`).
+        tokens: int [T].
+        config: static configuration.
+        qk_inputs: optional (q_in, k_in), each [L, T, D]: attention reads these instead of
+            ``LN(x)`` for queries and keys (used by derivations with n-gram-aware queries).
+        attn_logits: optional [L, H, T, T] logits replacing the Q/K scores (Option 2).
+        return_inputs: also return the query input of every layer.
+
+    Returns:
+        :class:`ForwardOutput`.
+    """
+    x = params["embed"][tokens]
+    layer_params = {k: params[k] for k in _LAYER_KEYS}
+    extras: dict[str, jax.Array] = {}
+    if qk_inputs is not None:
+        extras["q_in"], extras["k_in"] = qk_inputs
+    if attn_logits is not None:
+        extras["logits"] = attn_logits
+
+    def block(x: jax.Array, xs: tuple[Params, dict[str, jax.Array]]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        p, ex = xs
+        h = layer_norm(x, p["ln1_scale"], p["ln1_bias"]) if config.layernorm else x
+        q_in = ex.get("q_in", h)
+        k_in = ex.get("k_in", h)
+        if "logits" in ex:
+            outs, probs = _heads(q_in, k_in, h, p["wq"], p["wk"], p["wv"], p["wo"], ex["logits"])
+        else:
+            outs, probs = _heads_nologits(q_in, k_in, h, p["wq"], p["wk"], p["wv"], p["wo"])
+        x = x + jnp.sum(outs, axis=0)
+        if config.mlp:
+            h2 = layer_norm(x, p["ln2_scale"], p["ln2_bias"]) if config.layernorm else x
+            f = jax.nn.gelu(jnp.einsum("td,df->tf", h2, p["w1"]) + p["b1"])
+            x = x + jnp.einsum("tf,fd->td", f, p["w2"]) + p["b2"]
+        return x, (probs, q_in if return_inputs else jnp.zeros((), x.dtype))
+
+    x, (attn, q_inputs) = jax.lax.scan(block, x, (layer_params, extras))
+    hf = layer_norm(x, params["lnf_scale"], params["lnf_bias"]) if config.layernorm else x
+    logits = jnp.einsum("td,vd->tv", hf, params["embed"])
+    return ForwardOutput(logits, attn, q_inputs if return_inputs else None)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "return_inputs"))
+def forward_batch(
+    params: Params,
+    tokens: jax.Array,
+    config: ModelConfig,
+    *,
+    qk_inputs: tuple[jax.Array, jax.Array] | None = None,
+    attn_logits: jax.Array | None = None,
+    return_inputs: bool = False,
+) -> ForwardOutput:
+    """:func:`forward` vmapped over a batch.
+
+    Args:
+        params: shared parameters.
+        tokens: int [B, T].
+        config: static configuration.
+        qk_inputs: optional (q_in, k_in), each [B, L, T, D].
+        attn_logits: optional [B, L, H, T, T].
+        return_inputs: also return query inputs [B, L, T, D].
+
+    Returns:
+        :class:`ForwardOutput` with a leading batch axis: logits [B, T, V], attn [B, L, H, T, T].
+    """
+    fn = functools.partial(forward, config=config, return_inputs=return_inputs)
+    return jax.vmap(lambda t, qk, lg: fn(params, t, qk_inputs=qk, attn_logits=lg))(tokens, qk_inputs, attn_logits)
+
+
+class FrozenWeight(nnx.Variable):
+    """A derived, frozen weight: not an ``nnx.Param``, so optimisers filtering on Param skip it."""
+
+
+class DerivedTransformer(nnx.Module):
+    """Flax NNX module wrapping the same weights as the pure :func:`forward`.
+
+    The token embedding is an ``nnx.Param`` (trainable in Option 4); every derived
+    attention weight, the MLP and the LayerNorms are :class:`FrozenWeight`.
+    """
+
+    def __init__(self, params: Params, config: ModelConfig):
+        self.config = config
+        self.embed = nnx.Param(jnp.asarray(params["embed"]))
+        self.frozen = nnx.data({k: FrozenWeight(jnp.asarray(v)) for k, v in params.items() if k != "embed"})
+
+    def params(self) -> Params:
+        """The weights as the plain pytree :func:`forward` takes."""
+        out = {k: v[...] for k, v in self.frozen.items()}
+        out["embed"] = self.embed[...]
+        return out
+
+    def __call__(self, tokens: jax.Array, **kwargs: Any) -> ForwardOutput:
+        """Forward on int [T] or [B, T] tokens."""
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim == 1:
+            return forward(self.params(), tokens, self.config, **kwargs)
+        return forward_batch(self.params(), tokens, self.config, **kwargs)

@@ -1,0 +1,134 @@
+"""The seed derivation against numpy float64 references."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn.embeddings import context_probabilities, orthonormal_embeddings
+from jaxattn.errors import JaxattnError
+from tests.conftest import markov_corpus
+
+
+def np_svd_signed(M, r):
+    U, S, Vt = np.linalg.svd(np.asarray(M, np.float64), full_matrices=False)
+    U, S, Vt = U[:, :r], S[:r], Vt[:r]
+    for k in range(r):
+        i = np.argmax(np.abs(U[:, k]))
+        if U[i, k] < 0:
+            U[:, k] *= -1
+            Vt[k] *= -1
+    return U, S, Vt
+
+
+@pytest.fixture(scope="module")
+def tables():
+    tokens, docs, _ = markov_corpus(0, 12, 4000, num_docs=3)
+    return {(n, s): jaxattn.count_matrix(tokens, n, s, 12, doc_ids=docs) for n in (1, 2) for s in (0, 2)}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_qk_circuit_reconstructs_manifold_with_orthonormal_embeddings(tables, n):
+    """With E^n and E^1 orthonormal, E^n W_Q W_K^T E^1^T is the rank-r SVD reconstruction of M."""
+    cm = tables[(n, 2)]
+    M = np.asarray(jaxattn.manifold_matrix(cm), np.float64)
+    R, V = M.shape
+    r = 6
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    E1 = orthonormal_embeddings(k1, V, 96)
+    En = orthonormal_embeddings(k2, R, max(R, 96)) if n == 2 else E1[cm.contexts[:, 0]]
+    if n == 2:
+        En = En[:, :96] if En.shape[1] > 96 else En
+        if R > 96:  # need independent rows: widen the model
+            E1 = orthonormal_embeddings(k1, V, R + V)
+            En = orthonormal_embeddings(k2, R, R + V)
+    WQ, WK = jaxattn.derive_qk(M.astype(np.float32), En, E1, r)
+    circuit = np.asarray(En, np.float64) @ np.asarray(WQ, np.float64) @ np.asarray(WK, np.float64).T @ np.asarray(E1, np.float64).T
+    U, S, Vt = np_svd_signed(M, r)
+    ref = (U * S) @ Vt
+    np.testing.assert_allclose(circuit, ref, atol=2e-5 * np.abs(ref).max() + 1e-6)
+
+
+def test_wq_wk_match_numpy_formulas(tables):
+    cm = tables[(1, 0)]
+    M = np.asarray(jaxattn.manifold_matrix(cm), np.float64)
+    E = np.asarray(jaxattn.base_embeddings(jax.random.PRNGKey(3), 12, 32), np.float64)
+    En = E[cm.contexts[:, 0]]
+    r = 5
+    WQ, WK = jaxattn.derive_qk(M.astype(np.float32), En.astype(np.float32), E.astype(np.float32), r)
+    U, S, Vt = np_svd_signed(M, r)
+    np.testing.assert_allclose(np.asarray(WQ), En.T @ U * np.sqrt(S), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(WK), E.T @ Vt.T * np.sqrt(S), atol=1e-5)
+
+
+def test_vo_match_numpy_formulas(tables):
+    cm = tables[(2, 0)]
+    P = np.asarray(jaxattn.probability_matrix(cm), np.float64)
+    E = np.asarray(jaxattn.base_embeddings(jax.random.PRNGKey(4), 12, 48), np.float64)
+    En = np.asarray(jaxattn.ngram_embeddings(E.astype(np.float32), cm.contexts, tables[(1, 0)]), np.float64)
+    r = 7
+    WV, WO = jaxattn.derive_vo(P.astype(np.float32), En.astype(np.float32), E.astype(np.float32), r)
+    U, S, Vt = np_svd_signed(P, r)
+    np.testing.assert_allclose(np.asarray(WV), (U * np.sqrt(S)).T @ En, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(WO), E.T @ Vt.T * np.sqrt(S), atol=1e-5)
+
+
+def test_ngram_embeddings_follow_seed_formula(tables):
+    cm2, cm1 = tables[(2, 0)], tables[(1, 0)]
+    E = np.asarray(jaxattn.base_embeddings(jax.random.PRNGKey(5), 12, 16))
+    En = np.asarray(jaxattn.ngram_embeddings(E, cm2.contexts, cm1))
+    P1 = np.asarray(jaxattn.probability_matrix(cm1))
+    row_of = {int(c[0]): i for i, c in enumerate(cm1.contexts)}
+    for r, (a, b) in enumerate(cm2.contexts):
+        np.testing.assert_allclose(En[r], P1[row_of[int(a)], b] * E[b], rtol=1e-5, atol=1e-7)
+    # Rank <= V: every bigram ending in t shares E[t]'s direction.
+    assert np.linalg.matrix_rank(En, tol=1e-6) <= 12
+    np.testing.assert_allclose(context_probabilities(cm2.contexts, cm1) > 0, True)
+
+
+def test_base_embeddings_unit_norm_and_deterministic():
+    a = jaxattn.base_embeddings(jax.random.PRNGKey(0), 30, 64)
+    b = jaxattn.base_embeddings(jax.random.PRNGKey(0), 30, 64)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(a), axis=1), 1.0, rtol=1e-5)
+
+
+def test_normalize_std():
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 20, 8)) * 5
+    out = np.asarray(jaxattn.normalize_std(w, 0.01))
+    assert abs(out.std() - 0.01) < 1e-6
+
+
+def test_d_head_larger_than_d_model_is_refused(tables):
+    cm = tables[(1, 0)]
+    M = jaxattn.manifold_matrix(cm)
+    E = jaxattn.base_embeddings(jax.random.PRNGKey(0), 12, 8)
+    with pytest.raises(JaxattnError, match="d_head=10 > d_model=8"):
+        jaxattn.derive_qk(M, E[cm.contexts[:, 0]], E, 10)
+    with pytest.raises(JaxattnError, match="d_head=80 > d_model=64"):
+        jaxattn.preset("small", 12, d_model=64, d_head=80)
+
+
+def test_rank_above_matrix_size_is_zero_padded(tables):
+    cm = tables[(1, 0)]
+    M = jaxattn.manifold_matrix(cm)
+    E = jaxattn.base_embeddings(jax.random.PRNGKey(0), 12, 32)
+    WQ, WK = jaxattn.derive_qk(M, E[cm.contexts[:, 0]], E, 20)  # R, V <= 12 < 20
+    assert WQ.shape == (32, 20) and WK.shape == (32, 20)
+    assert np.all(np.asarray(WQ)[:, 12:] == 0)
+
+
+def test_derive_params_shapes_and_std(tables):
+    cfg = jaxattn.ModelConfig(vocab_size=12, d_model=32, d_head=8, num_layers=2, num_heads=3, max_n=2, max_s=2)
+    full = dict(tables)
+    tokens, docs, _ = markov_corpus(0, 12, 4000, num_docs=3)
+    full[(1, 1)] = jaxattn.count_matrix(tokens, 1, 1, 12, doc_ids=docs)
+    full[(2, 1)] = jaxattn.count_matrix(tokens, 2, 1, 12, doc_ids=docs)
+    params = jaxattn.derive_params(full, cfg, key=jax.random.PRNGKey(0))
+    assert params["wq"].shape == (2, 3, 32, 8)
+    assert params["wo"].shape == (2, 3, 8, 32)
+    for name in ("wq", "wk", "wv", "wo"):
+        for layer in range(2):
+            assert abs(float(np.asarray(params[name][layer]).std()) - 0.01) < 1e-5
