@@ -6,6 +6,7 @@ The metric kernel is written for one head and one sequence (:func:`query_metrics
 vmapped over any leading axes by :func:`alignment_metrics`.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
 from __future__ import annotations
 
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 
 from jaxattn.counts import CountMatrix
 from jaxattn.errors import JaxattnError
+from jaxattn.typing import Array, ArrayLike, Bool, Float, Int, Integer, PRNGKey, Real, Shaped
 
 #: Epsilon inside the logs of the KL divergence, as in the seed.
 KL_EPS = 1e-10
@@ -26,8 +28,12 @@ METRIC_NAMES = ("kl", "cosine", "argmax_match", "argmax_match_tied", "entropy")
 
 
 def sample_sequences(
-    tokens: np.ndarray, doc_ids: np.ndarray | None, seq_len: int, num_seqs: int, key: jax.Array
-) -> np.ndarray:
+    tokens: Integer[ArrayLike, " N"],
+    doc_ids: Integer[ArrayLike, " N"] | None,
+    seq_len: int,
+    num_seqs: int,
+    key: PRNGKey,
+) -> Int[np.ndarray, "B T"]:
     """Draws ``num_seqs`` windows of ``seq_len`` tokens, each inside one document.
 
     Args:
@@ -67,7 +73,7 @@ def sample_sequences(
     return tokens[idx].astype(np.int32)
 
 
-def context_ids(cm: CountMatrix, tokens: np.ndarray) -> np.ndarray:
+def context_ids(cm: CountMatrix, tokens: Integer[ArrayLike, "*B T"]) -> Int[np.ndarray, "*B T"]:
     """Row of ``cm`` for each query's n-gram ``g_i = tokens[i-n+1 .. i]``.
 
     Args:
@@ -87,7 +93,9 @@ def context_ids(cm: CountMatrix, tokens: np.ndarray) -> np.ndarray:
     return out
 
 
-def expected_attention(cm: CountMatrix, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def expected_attention(
+    cm: CountMatrix, tokens: Integer[ArrayLike, "*B T"]
+) -> tuple[Float[np.ndarray, "*B T T"], Bool[np.ndarray, "*B T T"]]:
     """The attention the counts predict: ``expected[i, j] ∝ P^{n,s}[g_i, tokens[j]]`` for ``j <= i``.
 
     Query rows whose n-gram is unobserved, or whose expected mass is zero, are masked out.
@@ -113,7 +121,9 @@ def expected_attention(cm: CountMatrix, tokens: np.ndarray) -> tuple[np.ndarray,
     return expected, mask
 
 
-def query_metrics(expected: jax.Array, actual: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+def query_metrics(
+    expected: Real[ArrayLike, "T S"], actual: Real[ArrayLike, "T S"], mask: Bool[ArrayLike, "T S"]
+) -> dict[str, Array]:
     """Per-query metrics for one head on one sequence.
 
     Both rows are renormalised over the valid keys of the query.
@@ -161,7 +171,9 @@ def _sequence_metrics(expected: jax.Array, actual: jax.Array, mask: jax.Array) -
 
 
 @jax.jit
-def alignment_metrics(expected: jax.Array, actual: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+def alignment_metrics(
+    expected: Real[ArrayLike, "*#B #T #S"], actual: Real[ArrayLike, "*#B #T #S"], mask: Shaped[ArrayLike, "*#B #T #S"]
+) -> dict[str, Array]:
     """Alignment between expected and actual attention, batched over any leading axes.
 
     Args:
@@ -220,8 +232,8 @@ def pool(metrics: dict[str, Any], axis: int) -> dict[str, np.ndarray]:
 
 
 def expected_for_layout(
-    tables: dict[tuple[int, int], CountMatrix], tokens: np.ndarray, pairs: list[tuple[int, int]]
-) -> tuple[np.ndarray, np.ndarray]:
+    tables: dict[tuple[int, int], CountMatrix], tokens: Integer[ArrayLike, "B T"], pairs: list[tuple[int, int]]
+) -> tuple[Float[np.ndarray, "P B T T"], Bool[np.ndarray, "P B T T"]]:
     """Expected attention for each distinct (n, s).
 
     Args:
@@ -238,8 +250,11 @@ def expected_for_layout(
 
 @jax.jit
 def layer_head_metrics(
-    expected: jax.Array, mask: jax.Array, pair_index: jax.Array, attn: jax.Array
-) -> dict[str, jax.Array]:
+    expected: Float[Array, "P B T T"],
+    mask: Bool[Array, "P B T T"],
+    pair_index: Integer[Array, "L H"],
+    attn: Float[Array, "B L H T T"],
+) -> dict[str, Array]:
     """Metrics for every layer, head and sequence in one vmapped call.
 
     Args:

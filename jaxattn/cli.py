@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from jaxattn.errors import JaxattnError
+from jaxattn.errors import JaxattnError, MemoryBudgetError
 
 OPTIONS = ("baseline", "1", "2", "3", "4")
 
@@ -28,12 +29,23 @@ def _positive_int(name: str) -> Callable[[str], int]:
         try:
             v = int(text)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from e
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from e
         if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
         return v
 
     return parse
+
+
+def _byte_count(text: str) -> int:
+    """A positive, finite number of bytes such as ``4e9`` (argparse names the flag)."""
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be a number of bytes, got {text!r}") from e
+    if not (1 <= v < float(2**63)):  # also rejects nan and inf
+        raise argparse.ArgumentTypeError(f"must be a number of bytes in [1, 2**63), got {text!r}")
+    return int(v)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -48,11 +60,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_positive_int("--layers"), default=None)
     p.add_argument("--heads", type=_positive_int("--heads"), default=None)
     p.add_argument("--out", default="jaxattn_out", help="output directory (default: ./jaxattn_out)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per evaluation sequence T (default 64)")
-    p.add_argument("--num-seqs", type=int, default=32, help="number of evaluation sequences B (default 32)")
+    p.add_argument(
+        "--seq-len", type=_positive_int("--seq-len"), default=64, help="tokens per evaluation sequence T (default 64)"
+    )
+    p.add_argument(
+        "--num-seqs", type=_positive_int("--num-seqs"), default=32, help="number of evaluation sequences B (default 32)"
+    )
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of every PRNG key (default 0)")
-    p.add_argument("--max-dense-bytes", type=float, default=None, help="memory budget for dense arrays, bytes")
+    p.add_argument(
+        "--max-dense-bytes", type=_byte_count, default=None, help="memory budget for dense arrays, bytes (default 4 GiB)"
+    )
     p.add_argument("--load", default=None, help="reuse count tables saved in this directory instead of counting")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -64,9 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="derive the seed system and measure its alignment (the main job)")
     _add_common(a)
     a.add_argument("--option", choices=OPTIONS, default="baseline", help="which solution option to run")
+    a.add_argument(
+        "--save",
+        default=None,
+        metavar="DIR",
+        help="save the count tables, the derived weights with their config and (option 4) the trained embeddings "
+        "to DIR, for a later --load DIR (format: jaxattn/io.py)",
+    )
     c = sub.add_parser("compare", help="run the baseline and options 1-4 side by side")
     _add_common(c)
     c.add_argument("--train-steps", type=int, default=None, help="Option 4 training steps")
+    c.add_argument(
+        "--options",
+        default="all",
+        help="comma list of options to run: all (default) or any of baseline,1,2,3,4 (e.g. baseline,2)",
+    )
+    c.add_argument("--skip-ablation", action="store_true", help="do not run the Option 3 ablation table")
+    c.add_argument("--skip-diagnostics", action="store_true", help="do not run the root-cause diagnostics")
     return parser
 
 
@@ -115,20 +147,58 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with timer.stage("load"):
         corpus, eval_corpus = pipeline.load_split(args.corpus, args.eval_corpus, run, progress=progress)
     tables = None
+    artefacts: dict[str, Any] = {}
     if args.load:
         from jaxattn import io
 
         with timer.stage("load_tables"):
-            tables = io.load_tables(args.load)
+            # Checks the vocabulary against this corpus's; warns when another corpus was counted.
+            tables = io.load_tables(args.load, corpus=corpus, max_dense_bytes=run.max_dense_bytes)
+        artefacts["loaded_tables_from"] = str(args.load)
     prep = pipeline.prepare(corpus, eval_corpus, run, tables=tables, progress=progress, timer=timer)
+    if args.save:
+        with timer.stage("save"):  # the tables first: reusable even if the option fails later
+            artefacts["saved"] = save_artefacts(args.save, prep, None)
     if args.option == "baseline":
         result = pipeline.run_baseline(prep, progress=progress)
     else:
         from jaxattn import options
 
         result = options.run_option(prep, args.option, progress=progress)
-    write_outputs(out, prep, [result], args=args)
+    if args.save:
+        with timer.stage("save"):
+            artefacts["saved"] = save_artefacts(args.save, prep, result, tables=False)
+    write_outputs(out, prep, [result], args=args, extra={"artefacts": artefacts} if artefacts else None)
     return 0
+
+
+def save_artefacts(directory: str, prep: Any, result: Any, *, tables: bool = True) -> dict[str, Any]:
+    """Saves a run's artefacts with :mod:`jaxattn.io` (``--save DIR``).
+
+    Args:
+        directory: created if missing.
+        prep: the prepared run; its count tables are saved with the tokenizer and corpus info.
+        result: an :class:`~jaxattn.pipeline.AnalysisResult` whose ``params`` (if any) are saved
+            with the model config; for Option 4 its trained embeddings too. None: tables only.
+        tables: save the count tables.
+
+    Returns:
+        ``{"dir": directory, "kinds": [...]}``, the kinds written.
+    """
+    from jaxattn import io
+
+    kinds = ["tables"]  # with tables=False: written by an earlier call, before the option ran
+    if tables:
+        io.save_tables(directory, prep.tables, tokenizer=prep.corpus.tokenizer, corpus=prep.corpus)
+    if result is not None and result.params is not None:
+        info = {"option": result.option, "run": prep.run.to_dict(), "corpus_sha256": prep.corpus.sha256}
+        io.save_params(directory, result.params, prep.config, info=info)
+        kinds.append("params")
+        if result.option == "option4":
+            extra = {"train_config": result.extra.get("train_config")} if isinstance(result.extra, dict) else {}
+            io.save_embeddings(directory, {"embed": result.params["embed"]}, config=prep.config, info=info | extra)
+            kinds.append("embeddings")
+    return {"dir": str(directory), "kinds": kinds}
 
 
 def write_outputs(out: Path, prep: Any, results: list[Any], *, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> None:
@@ -153,8 +223,9 @@ def write_outputs(out: Path, prep: Any, results: list[Any], *, args: argparse.Na
         p = out / "expected_vs_actual_attention.png"
         report.plot_expected_vs_actual(
             p, prep.expected, prep.mask, prep.pair_index, main_res.attn, main_res.records, tokens=tok_strings,
-            title=f"{main_res.option}: expected (from counts) vs actual attention, sequence 0 "
-            f"(T={prep.tokens.shape[1]}); key j on x, query i on y; blank = masked",
+            title=f"{main_res.option}: expected (from counts) vs actual attention, first 32 positions of sequence 0; "
+            "key j on x, query i on y; rows scaled to their max; blank = masked.\n"
+            f"Panel metrics: all {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens.",
         )
         files.append(p)
         for res in results:
@@ -167,7 +238,7 @@ def write_outputs(out: Path, prep: Any, results: list[Any], *, args: argparse.Na
             files.append(p)
     doc = report.metrics_document(
         records,
-        config={"run": prep.run.to_dict(), "model": prep.config.to_dict()},
+        config={"run": prep.run.to_dict(), "model": prep.config.to_dict(), "cli_args": vars(args)},
         corpus=prep.corpus.info(),
         eval_corpus=prep.eval_corpus.info(),
         timings=prep.timer.seconds,
@@ -179,6 +250,10 @@ def write_outputs(out: Path, prep: Any, results: list[Any], *, args: argparse.Na
     print("wrote: " + ", ".join(str(f) for f in files))
 
 
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"jaxattn: warning: {' '.join(str(message).splitlines())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxattn`` console script."""
     parser = build_parser()
@@ -186,19 +261,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.seq_len < 1:
-        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
-    if args.num_seqs < 1:
-        parser.error(f"--num-seqs must be >= 1, got {args.num_seqs}")
     handlers = {"analyze": cmd_analyze}
     try:
-        if args.command == "compare":
-            from jaxattn.compare import cmd_compare
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line per warning, like the errors
+            if args.command == "compare":
+                from jaxattn.compare import cmd_compare
 
-            return cmd_compare(args)
-        return handlers[args.command](args)
+                return cmd_compare(args)
+            return handlers[args.command](args)
     except JaxattnError as e:
-        print(f"jaxattn: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).splitlines())  # exactly one line on stderr
+        if isinstance(e, MemoryBudgetError):
+            msg = msg.replace("raise it with max_dense_bytes= or", "raise it with --max-dense-bytes or")
+        print(f"jaxattn: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jaxattn: interrupted", file=sys.stderr)

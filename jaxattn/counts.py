@@ -10,15 +10,18 @@ Axis vocabulary used in this module:
 that never cross a document boundary (SPEC §2).
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxattn.errors import JaxattnError, MemoryBudgetError
+from jaxattn.typing import ArrayLike, Float, Int, Integer
 
 #: Default budget for any dense array jaxattn materialises (bytes). Override with the
 #: ``JAXATTN_MAX_DENSE_BYTES`` environment variable or the ``max_dense_bytes`` arguments.
@@ -107,7 +110,9 @@ def key_dtype(vocab_size: int, n: int) -> np.dtype:
     )
 
 
-def pack_ngrams(ngrams: np.ndarray, vocab_size: int, dtype: np.dtype | None = None) -> np.ndarray:
+def pack_ngrams(
+    ngrams: Integer[ArrayLike, "*batch n"], vocab_size: int, dtype: np.dtype | None = None
+) -> Integer[np.ndarray, "*batch"]:
     """Packs n-grams into integer keys in lexicographic order.
 
     Args:
@@ -195,7 +200,7 @@ class CountMatrix:
         """Sorted packed keys [R] of :attr:`contexts`."""
         return pack_ngrams(self.contexts, self.vocab_size, key_dtype(self.vocab_size, self.n))
 
-    def context_index(self, ngrams: np.ndarray) -> np.ndarray:
+    def context_index(self, ngrams: Integer[ArrayLike, "*batch n"]) -> Int[np.ndarray, "*batch"]:
         """Row index of each n-gram, or -1 when it was never observed.
 
         Args:
@@ -214,7 +219,9 @@ class CountMatrix:
         found = (idx < len(keys)) & (keys[idx_c] == q) if len(keys) else np.zeros(q.shape, bool)
         return np.where(found, idx_c, -1).astype(np.int32)
 
-    def lookup(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    def lookup(
+        self, rows: Integer[ArrayLike, "*#rb"], cols: Integer[ArrayLike, "*#cb"]
+    ) -> Integer[np.ndarray, "*shape"]:
         """Counts ``C[rows, cols]`` for arbitrary index arrays (0 where absent; rows may be -1).
 
         Args:
@@ -279,12 +286,12 @@ def valid_window_starts(length: int, n: int, s: int, segments: np.ndarray | None
 
 
 def count_matrix(
-    tokens: Any,
+    tokens: Integer[ArrayLike, " N"],
     n: int,
     s: int,
     vocab_size: int,
     *,
-    doc_ids: Any = None,
+    doc_ids: Integer[ArrayLike, " N"] | None = None,
     mesh: Any = None,
     max_dense_bytes: int | None = None,
 ) -> CountMatrix:
@@ -325,6 +332,17 @@ def count_matrix(
     return _from_keys(keys, vals, n, s, vocab_size, max_dense_bytes)
 
 
+def _no_window_error(n: int, s: int, tokens: Any, doc_ids: Any) -> JaxattnError:
+    """The error :func:`count_matrix` raises when no window of ``n+s+1`` tokens fits in a document."""
+    length = int(np.shape(tokens)[0])
+    bounds = np.concatenate([[0], _segment_starts(doc_ids), [length]])
+    longest = int(np.diff(bounds).max())
+    return JaxattnError(
+        f"corpus too short for n={n}, s={s}: a window needs n+s+1={n + s + 1} tokens in one "
+        f"document, the longest document has {longest}"
+    )
+
+
 def _longest_segment(length: int, seg: np.ndarray | None) -> int:
     if seg is None:
         return length
@@ -336,7 +354,9 @@ def count_keys(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique packed (context, target) keys and their counts.
 
-    Uses a dense int32 bincount over ``V**(n+1)`` bins when that is small, else a sort.
+    Small key spaces (``V**(n+1)`` up to ``_DENSE_BINS_MAX``, char level) count into one int32 bin
+    per key: numpy's bincount for small corpora, else the jitted scatter-add kernel on the default
+    jax device. Large key spaces (word level) sort int64 keys in place: memory O(N + nnz).
 
     Returns:
         keys: int32/int64 [Z] sorted ascending; counts: int [Z] > 0.
@@ -346,30 +366,276 @@ def count_keys(
     m = max(tok.shape[0] - span, 0)
     if m == 0:
         return np.zeros(0, dt), np.zeros(0, np.int32)
-    t = tok.astype(dt, copy=False)
-    key = t[:m].copy()
-    for k in range(1, n):
-        key *= dt.type(vocab_size)
-        key += t[k : k + m]
-    key *= dt.type(vocab_size)
-    key += t[span : span + m]
-    valid = valid_window_starts(tok.shape[0], n, s, seg)
-    if not valid.all():
-        key = key[valid]
-    nbins = vocab_size ** (n + 1)
-    if nbins <= max(4 * key.shape[0], 1 << 16) and nbins <= (1 << 28):
-        counts = np.bincount(key, minlength=nbins)
-        keys = np.flatnonzero(counts).astype(dt)
-        vals = counts[keys]
-    else:
-        keys, vals = np.unique(key, return_counts=True)
-    return keys, _shrink_counts(vals)
+    starts = _segment_starts(seg)
+    t = _narrow_tokens(tok, vocab_size)
+    if _dense_ok(vocab_size, n, m):
+        return _dense_to_keys(_dense_table_counts(t, starts, n, (s,), vocab_size)[0], dt)
+    return _sorted_count_keys(t, starts, n, s, vocab_size)
 
 
 def _shrink_counts(vals: np.ndarray) -> np.ndarray:
     if vals.size and int(vals.max()) > _INT32_MAX:
         return vals.astype(np.int64)
     return vals.astype(np.int32)
+
+
+# --- fast counting ------------------------------------------------------------------------------
+# Windows are counted with packed integer keys. When V**(n+1) is small (char level) every key has
+# its own int32 bin: a jitted scatter-add (the same code on CPU, GPU and TPU). Larger key spaces
+# (word level) sort int64 keys in place, so memory stays O(N + nnz), never O(V**n * V).
+# Document boundaries are not tested per window: the few windows that cross one are counted
+# with everything else and then subtracted, which costs O(num_docs * (n+s)), not a pass over N.
+
+#: Dense bins (one int32 per possible key) are used up to this many keys per table.
+_DENSE_BINS_MAX = 1 << 24
+#: Below this many windows numpy's bincount is used (nothing to compile or dispatch).
+_JAX_MIN_WINDOWS = 1 << 20
+#: Windows per kernel launch: keeps every int32 bin (and position) far from overflow.
+_MAX_WINDOWS_PER_LAUNCH = 1 << 30
+#: Token positions per scatter in the kernel's loop: small enough on CPU that the chunk's keys stay in
+#: cache, large on accelerators so each scatter has enough parallel work.
+_CHUNK_CPU = 1 << 18
+_CHUNK_ACCEL = 1 << 22
+
+
+def _dense_ok(vocab_size: int, n: int, num_windows: int) -> bool:
+    """True when ``V**(n+1)`` int32 bins are affordable and not much larger than the corpus."""
+    nbins = vocab_size ** (n + 1)
+    return nbins <= _DENSE_BINS_MAX and nbins <= max(8 * num_windows, 1 << 16)
+
+
+def _narrow_tokens(tok: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Tokens in the smallest unsigned dtype holding ids < V (1 byte per char-level token)."""
+    dt = np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.int32
+    return tok.astype(dt, copy=False)
+
+
+def _segment_starts(doc_ids: Any) -> np.ndarray:
+    """int64 positions ``p > 0`` where a new document (or segment) starts."""
+    if doc_ids is None:
+        return np.zeros(0, np.int64)
+    d = np.asarray(doc_ids)
+    return (np.flatnonzero(d[1:] != d[:-1]) + 1).astype(np.int64)
+
+
+def _crossing_starts(starts: np.ndarray, length: int, span: int) -> np.ndarray:
+    """Sorted int64 window starts ``i < length - span`` whose window ``[i, i+span]`` spans a boundary.
+
+    Window ``i`` crosses boundary ``b`` exactly when ``b - span <= i < b``.
+    """
+    m = length - span
+    if starts.size == 0 or m <= 0:
+        return np.zeros(0, np.int64)
+    idx = (starts[:, None] - np.arange(1, span + 1, dtype=np.int64)[None, :]).ravel()
+    return np.unique(idx[(idx >= 0) & (idx < m)])
+
+
+def _head_windows(starts: np.ndarray, length: int, span: int) -> np.ndarray:
+    """int64 window starts at a document's first token whose window stays inside that document."""
+    heads = np.concatenate([np.zeros(1, np.int64), starts])
+    nxt = np.append(starts, length)  # the boundary after each head
+    return heads[heads + span < nxt]
+
+
+def _window_keys(t: np.ndarray, idx: np.ndarray, n: int, s: int, vocab_size: int, dt: Any = np.int64) -> np.ndarray:
+    """Packed keys ``(t[i:i+n], t[i+n+s])`` of the windows starting at ``idx``."""
+    key = t[idx].astype(dt)
+    for k in range(1, n):
+        key = key * dt(vocab_size) + t[idx + k]
+    return key * dt(vocab_size) + t[idx + n + s]
+
+
+def _dense_counts_numpy(t: np.ndarray, n: int, skips: tuple[int, ...], vocab_size: int) -> np.ndarray:
+    """int64 [S, V**(n+1)] counts of every window (documents ignored), the context key shared over skips."""
+    length = t.shape[0]
+    nbins = vocab_size ** (n + 1)
+    out = np.zeros((len(skips), nbins), np.int64)
+    m0 = length - n - min(skips)
+    if m0 <= 0:
+        return out
+    ctx = t[:m0].astype(np.int64)
+    for k in range(1, n):
+        ctx *= vocab_size
+        ctx += t[k : k + m0]
+    ctx *= vocab_size
+    buf = np.empty_like(ctx)
+    for i, s in enumerate(skips):
+        m = length - n - s
+        if m > 0:
+            np.add(ctx[:m], t[n + s : n + s + m], out=buf[:m])
+            out[i] = np.bincount(buf[:m], minlength=nbins)
+    return out
+
+
+def _chunk_size() -> int:
+    return _CHUNK_CPU if _platform() == "cpu" else _CHUNK_ACCEL
+
+
+def _platform() -> str:
+    """Platform of the device jax computes on by default (honours ``jax.default_device``)."""
+    import jax
+
+    dev = jax.config.jax_default_device
+    if dev is None:
+        return jax.default_backend()
+    return dev if isinstance(dev, str) else dev.platform
+
+
+@functools.cache
+def _count_kernel(n: int, skips: tuple[int, ...], vocab_size: int, chunk: int) -> Any:
+    """The jitted dense counter for one (n, skips, V, chunk); see :func:`_dense_counts_jax`."""
+    import jax
+    import jax.numpy as jnp
+
+    nbins = vocab_size ** (n + 1)
+    halo = n + max(skips)
+
+    def kernel(tok: jax.Array, num_chunks: jax.Array, length: jax.Array) -> jax.Array:
+        # tok: [num_chunks_padded * chunk + halo] uint8/uint16/int32 -> int32 [S, nbins].
+        def body(j: jax.Array, acc: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            x = jax.lax.dynamic_slice(tok, (j * chunk,), (chunk + halo,)).astype(jnp.int32)
+            pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
+            ctx = x[:chunk]
+            for k in range(1, n):
+                ctx = ctx * vocab_size + x[k : k + chunk]
+            ctx = ctx * vocab_size  # shared by every skip: one context key, S scatters
+            out = []
+            for a, s in zip(acc, skips, strict=True):
+                # Windows past the end go to a dump bin (index nbins), dropped below.
+                key = jnp.where(pos < length - (n + s), ctx + x[n + s : n + s + chunk], nbins)
+                out.append(a.at[key].add(1, mode="promise_in_bounds"))
+            return tuple(out)
+
+        acc0 = tuple(jnp.zeros(nbins + 1, jnp.int32) for _ in skips)
+        acc = jax.lax.fori_loop(0, num_chunks, body, acc0)
+        return jnp.stack([a[:nbins] for a in acc])
+
+    return jax.jit(kernel)
+
+
+def _dense_counts_jax(t: np.ndarray, n: int, skips: tuple[int, ...], vocab_size: int) -> np.ndarray:
+    """Same as :func:`_dense_counts_numpy` with the jitted int32 scatter-add kernel on the default device.
+
+    The corpus is cut into launches of at most ``_MAX_WINDOWS_PER_LAUNCH`` windows (each bin fits
+    int32 within a launch; launches add up in int64 on the host). Padded lengths are rounded to a
+    power of two of chunks so that the kernel compiles O(log N) times, not once per corpus length.
+    """
+    import jax.numpy as jnp
+
+    length = t.shape[0]
+    halo = n + max(skips)
+    chunk = _chunk_size()
+    kern = _count_kernel(n, tuple(skips), vocab_size, chunk)
+    total = np.zeros((len(skips), vocab_size ** (n + 1)), np.int64)
+    for start in range(0, max(length - n - min(skips), 0), _MAX_WINDOWS_PER_LAUNCH):
+        piece = t[start : start + _MAX_WINDOWS_PER_LAUNCH + halo]
+        num_chunks = -(-(piece.shape[0] - n - min(skips)) // chunk)
+        padded_chunks = 1 << max(num_chunks - 1, 0).bit_length()
+        buf = np.zeros(padded_chunks * chunk + halo, piece.dtype)
+        buf[: piece.shape[0]] = piece
+        out = kern(jnp.asarray(buf), jnp.int32(num_chunks), jnp.int32(piece.shape[0]))
+        total += np.asarray(out)
+    return total
+
+
+def _dense_table_counts(
+    t: np.ndarray, starts: np.ndarray, n: int, skips: tuple[int, ...], vocab_size: int
+) -> np.ndarray:
+    """int64 [S, V**(n+1)] counts of ``C^{n,s}`` for each skip, windows inside one document only."""
+    windows = t.shape[0] - n - min(skips)
+    use_jax = windows >= _JAX_MIN_WINDOWS
+    counts = (_dense_counts_jax if use_jax else _dense_counts_numpy)(t, n, skips, vocab_size)
+    for i, s in enumerate(skips):
+        bad = _crossing_starts(starts, t.shape[0], n + s)
+        if bad.size:
+            counts[i] -= np.bincount(_window_keys(t, bad, n, s, vocab_size), minlength=counts.shape[1])
+    return counts
+
+
+def _dense_to_keys(counts: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.flatnonzero(counts)
+    return keys.astype(dt), _shrink_counts(counts[keys])
+
+
+def _sorted_count_keys(
+    t: np.ndarray, starts: np.ndarray, n: int, s: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sort-based counting for large key spaces: one key array [N] sorted in place, then run lengths.
+
+    Peak extra memory is the key array plus a 1-byte flag per window and O(nnz) outputs.
+    """
+    dt = key_dtype(vocab_size, n)
+    span = n + s
+    m = t.shape[0] - span
+    key = t[:m].astype(dt)
+    for k in range(1, n):
+        key *= dt.type(vocab_size)
+        key += t[k : k + m]
+    key *= dt.type(vocab_size)
+    key += t[span : span + m]
+    bad = _crossing_starts(starts, t.shape[0], span)
+    # Crossing windows get a sentinel above every real key, then sort to the end and are dropped.
+    if vocab_size ** (n + 1) - 1 < np.iinfo(dt).max:
+        key[bad] = np.iinfo(dt).max
+        key.sort()
+        key = key[: m - bad.size]
+    else:  # no spare value for a sentinel: drop them (a copy)
+        key = np.delete(key, bad)
+        key.sort()
+    m_ok = key.shape[0]
+    if m_ok == 0:
+        return np.zeros(0, dt), np.zeros(0, np.int32)
+    new = np.empty(m_ok, bool)
+    new[0] = True
+    np.not_equal(key[1:], key[:-1], out=new[1:])
+    first = np.flatnonzero(new)
+    del new
+    vals = np.diff(np.append(first, m_ok))
+    return key[first], _shrink_counts(vals)
+
+
+def _count_tables_keys(
+    tokens: Any, vocab_size: int, max_n: int, max_s: int, doc_ids: Any
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Sorted unique keys and counts of every ``C^{n,s}``, ``n <= max_n``, ``s <= max_s``, in few passes.
+
+    The largest dense-countable n is counted for all skips in one pass sharing the context key;
+    each smaller n is then exact marginalisation of the one above it,
+    ``C^{n,s}[a, b] = sum_{a0} C^{n+1,s}[(a0, a), b]``, plus the windows that start at a
+    document's first token (they have no a0). Larger n, if any, sort.
+    """
+    tok, _ = _validate(tokens, 1, 0, vocab_size, None)
+    if doc_ids is not None and np.shape(doc_ids) != tok.shape:
+        raise JaxattnError(f"doc_ids shape {np.shape(doc_ids)} differs from tokens shape {tok.shape}")
+    starts = _segment_starts(doc_ids)
+    t = _narrow_tokens(tok, vocab_size)
+    length = t.shape[0]
+    skips = tuple(range(max_s + 1))
+    out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    n_top = 0
+    for n in range(max_n, 0, -1):
+        if length - n - max_s > 0 and _dense_ok(vocab_size, n, length):
+            n_top = n
+            break
+    for n in range(max_n, n_top, -1):
+        for s in skips:
+            if length - n - s <= 0:
+                out[(n, s)] = (np.zeros(0, key_dtype(vocab_size, n)), np.zeros(0, np.int32))
+            else:
+                out[(n, s)] = _sorted_count_keys(t, starts, n, s, vocab_size)
+    if n_top:
+        cur = _dense_table_counts(t, starts, n_top, skips, vocab_size)
+        for n in range(n_top, 0, -1):
+            dt = key_dtype(vocab_size, n)
+            for i, s in enumerate(skips):
+                out[(n, s)] = _dense_to_keys(cur[i], dt)
+            if n > 1:
+                cur = cur.reshape(len(skips), vocab_size, vocab_size**n).sum(axis=1)
+                for i, s in enumerate(skips):
+                    heads = _head_windows(starts, length, n - 1 + s)
+                    if heads.size:
+                        cur[i] += np.bincount(_window_keys(t, heads, n - 1, s, vocab_size), minlength=cur.shape[1])
+    return out
 
 
 def _from_keys(
@@ -399,7 +665,7 @@ def _from_keys(
     )
 
 
-def unpack_ngrams(keys: np.ndarray, vocab_size: int, n: int) -> np.ndarray:
+def unpack_ngrams(keys: Integer[ArrayLike, " R"], vocab_size: int, n: int) -> Int[np.ndarray, "R _"]:
     """Inverse of :func:`pack_ngrams`: int [R] keys -> int32 [R, n]."""
     out = np.empty((keys.shape[0], n), dtype=np.int32)
     k = keys.copy()
@@ -410,25 +676,47 @@ def unpack_ngrams(keys: np.ndarray, vocab_size: int, n: int) -> np.ndarray:
 
 
 def count_tables(
-    tokens: Any,
+    tokens: Integer[ArrayLike, " N"],
     vocab_size: int,
     max_n: int,
     max_s: int,
     *,
-    doc_ids: Any = None,
+    doc_ids: Integer[ArrayLike, " N"] | None = None,
     mesh: Any = None,
     max_dense_bytes: int | None = None,
     progress: bool = False,
 ) -> dict[tuple[int, int], CountMatrix]:
     """Counts every table ``C^{n,s}`` for ``1 <= n <= max_n`` and ``0 <= s <= max_s``.
 
+    Args:
+        tokens: int [N] token ids in ``[0, vocab_size)`` (numpy or jax).
+        vocab_size: V.
+        max_n: largest context length.
+        max_s: largest skip.
+        doc_ids: optional int [N], the document of each token (see :func:`count_matrix`).
+        mesh: optional ``jax.sharding.Mesh`` to shard the counting over.
+        max_dense_bytes: budget for the dense counts of every table.
+        progress: show a progress bar over the tables.
+
     Returns:
-        ``{(n, s): CountMatrix}``.
+        ``{(n, s): CountMatrix}`` with ``max_n * (max_s + 1)`` tables.
+
+    Raises:
+        JaxattnError: as for :func:`count_matrix`.
     """
     from jaxattn.progress import progress_iter
 
     pairs = [(n, s) for n in range(1, max_n + 1) for s in range(max_s + 1)]
     out: dict[tuple[int, int], CountMatrix] = {}
+    if mesh is None and pairs:
+        # One fused pass for every table (shared context keys; smaller n by exact marginalisation).
+        keyed = _count_tables_keys(tokens, int(vocab_size), int(max_n), int(max_s), doc_ids)
+        for n, s in progress_iter(pairs, desc="counting", enabled=progress):
+            keys, vals = keyed.pop((n, s))
+            if vals.size == 0:
+                raise _no_window_error(n, s, tokens, doc_ids)
+            out[(n, s)] = _from_keys(keys, vals, n, s, int(vocab_size), max_dense_bytes)
+        return out
     for n, s in progress_iter(pairs, desc="counting", enabled=progress):
         out[(n, s)] = count_matrix(
             tokens, n, s, vocab_size, doc_ids=doc_ids, mesh=mesh, max_dense_bytes=max_dense_bytes
@@ -436,7 +724,7 @@ def count_tables(
     return out
 
 
-def probability_matrix(cm: CountMatrix, *, sparse: bool = False) -> np.ndarray | SparseMatrix:
+def probability_matrix(cm: CountMatrix, *, sparse: bool = False) -> Float[np.ndarray, "R V"] | SparseMatrix:
     """``P = C / rowsum(C)``.
 
     Args:
@@ -454,7 +742,7 @@ def probability_matrix(cm: CountMatrix, *, sparse: bool = False) -> np.ndarray |
     return sm if sparse else sm.todense(cm.max_dense_bytes)
 
 
-def manifold_matrix(cm: CountMatrix, *, sparse: bool = False) -> np.ndarray | SparseMatrix:
+def manifold_matrix(cm: CountMatrix, *, sparse: bool = False) -> Float[np.ndarray, "R V"] | SparseMatrix:
     """``M[a, b] = C[a, b] / sqrt(D_row[a] * D_col[b])`` (zero where a sum is zero).
 
     Args:

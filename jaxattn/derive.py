@@ -3,6 +3,7 @@
 Axis vocabulary: R observed contexts, V vocabulary, d model width, r rank (= d_head).
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -10,11 +11,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.counts import CountMatrix, check_dense_size, manifold_matrix, probability_matrix
+from jaxattn.counts import CountMatrix, SparseMatrix, check_dense_size, manifold_matrix, probability_matrix
 from jaxattn.embeddings import base_embeddings, ngram_embeddings
 from jaxattn.errors import JaxattnError, MemoryBudgetError
 from jaxattn.model import ModelConfig, Params, init_mlp
 from jaxattn.svd import truncated_svd
+from jaxattn.typing import Array, ArrayLike, Float, Num, PRNGKey
 
 
 def _shape(M: Any) -> tuple[int, int]:
@@ -24,7 +26,9 @@ def _shape(M: Any) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def padded_svd(M: Any, rank: int, *, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def padded_svd(
+    M: Num[ArrayLike, "R V"] | SparseMatrix, rank: int, *, key: PRNGKey | None = None
+) -> tuple[Float[Array, "R K"], Float[Array, " K"], Float[Array, "K V"]]:
     """Rank-``rank`` truncated SVD, zero-padded when ``rank > min(R, V)``.
 
     Args:
@@ -60,8 +64,13 @@ def _check_embeddings(E_n: jax.Array, E_1: jax.Array, R: int, V: int, rank: int)
 
 
 def derive_qk(
-    M: Any, E_n: jax.Array, E_1: jax.Array, rank: int, *, key: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
+    M: Num[ArrayLike, "R V"] | SparseMatrix,
+    E_n: Float[ArrayLike, "R D"],
+    E_1: Float[ArrayLike, "V D"],
+    rank: int,
+    *,
+    key: PRNGKey | None = None,
+) -> tuple[Float[Array, "D K"], Float[Array, "D K"]]:
     """The seed's ``W_Q = (E^n)^T U_r S_r^{1/2}`` and ``W_K = (E^1)^T V_r S_r^{1/2}``.
 
     Args:
@@ -83,8 +92,13 @@ def derive_qk(
 
 
 def derive_vo(
-    P: Any, E_n: jax.Array, E_1: jax.Array, rank: int, *, key: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
+    P: Num[ArrayLike, "R V"] | SparseMatrix,
+    E_n: Float[ArrayLike, "R D"],
+    E_1: Float[ArrayLike, "V D"],
+    rank: int,
+    *,
+    key: PRNGKey | None = None,
+) -> tuple[Float[Array, "K D"], Float[Array, "D K"]]:
     """The seed's ``W_V = S^{1/2} U_r^T E^n`` and ``W_O = (E^1)^T V_r S^{1/2}`` from the SVD of P.
 
     Args:
@@ -92,6 +106,7 @@ def derive_vo(
         E_n: float [R, d].
         E_1: float [V, d].
         rank: r = d_head.
+        key: PRNG key for the randomized SVD.
 
     Returns:
         W_V [r, d], W_O [d, r].
@@ -104,8 +119,16 @@ def derive_vo(
     return (U * root).T @ E_n, E_1.T @ (Vt.T * root)
 
 
-def normalize_std(W: jax.Array, std: float) -> jax.Array:
-    """Rescales ``W`` so its standard deviation over all entries is ``std`` (0 stays 0)."""
+def normalize_std(W: Float[ArrayLike, "*shape"], std: float) -> Float[Array, "*shape"]:
+    """Rescales ``W`` so its standard deviation over all entries is ``std`` (0 stays 0).
+
+    Args:
+        W: float [...], e.g. one layer's stacked W_Q [H, D, K].
+        std: the target standard deviation.
+
+    Returns:
+        ``W * std / std(W)``, same shape; an all-constant ``W`` (std 0) is returned unchanged.
+    """
     cur = jnp.std(W)
     return jnp.where(cur > 0, W * (std / jnp.where(cur > 0, cur, 1.0)), W)
 
@@ -120,14 +143,22 @@ class HeadWeights(NamedTuple):
         wo: [D, K] (the seed's W_O).
     """
 
-    wq: jax.Array
-    wk: jax.Array
-    wv: jax.Array
-    wo: jax.Array
+    wq: Float[Array, "D K"]
+    wk: Float[Array, "D K"]
+    wv: Float[Array, "K D"]
+    wo: Float[Array, "D K"]
 
 
 def dense_or_sparse(matrix_fn: Any, cm: CountMatrix) -> Any:
-    """``matrix_fn(cm)`` dense when it fits the memory budget, else its sparse form."""
+    """``matrix_fn(cm)`` dense when it fits the memory budget, else its sparse form.
+
+    Args:
+        matrix_fn: :func:`~jaxattn.counts.probability_matrix` or :func:`~jaxattn.counts.manifold_matrix`.
+        cm: the counts.
+
+    Returns:
+        float32 [R, V] numpy array, or a :class:`~jaxattn.counts.SparseMatrix`.
+    """
     try:
         check_dense_size(cm.shape, 4, "matrix", cm.max_dense_bytes)
     except MemoryBudgetError:
@@ -138,10 +169,10 @@ def dense_or_sparse(matrix_fn: Any, cm: CountMatrix) -> Any:
 def derive_table_weights(
     cm: CountMatrix,
     prev: CountMatrix | None,
-    embed: jax.Array,
+    embed: Float[ArrayLike, "V D"],
     rank: int,
     *,
-    key: jax.Array | None = None,
+    key: PRNGKey | None = None,
 ) -> HeadWeights:
     """The seed derivation (Q/K from M, V/O from P) for one table ``C^{n,s}``.
 
@@ -164,10 +195,10 @@ def derive_table_weights(
 
 def assemble_params(
     table_weights: dict[tuple[int, int], HeadWeights],
-    embed: jax.Array,
+    embed: Float[ArrayLike, "V D"],
     config: ModelConfig,
     *,
-    key: jax.Array,
+    key: PRNGKey,
 ) -> Params:
     """Stacks per-table weights into the model's ``[L, H, ...]`` layout and adds the MLP.
 
@@ -204,8 +235,8 @@ def derive_params(
     tables: dict[tuple[int, int], CountMatrix],
     config: ModelConfig,
     *,
-    key: jax.Array,
-    embed: jax.Array | None = None,
+    key: PRNGKey,
+    embed: Float[ArrayLike, "V D"] | None = None,
 ) -> Params:
     """The full seed derivation: base embeddings, every table's weights, stacking, MLP.
 

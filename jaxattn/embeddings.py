@@ -3,7 +3,10 @@
 Axis vocabulary: V vocabulary, R observed contexts, d (D) model width.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +14,17 @@ import numpy as np
 
 from jaxattn.counts import CountMatrix
 from jaxattn.errors import JaxattnError
+from jaxattn.typing import Array, ArrayLike, Float, Integer, PRNGKey
 
 
-def base_embeddings(key: jax.Array, vocab_size: int, d_model: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+def base_embeddings(key: PRNGKey, vocab_size: int, d_model: int, dtype: Any = jnp.float32) -> Float[Array, "V D"]:
     """Random Gaussian rows, each normalised to unit length (the seed's ``E``).
 
     Args:
         key: PRNG key.
         vocab_size: V.
         d_model: d.
+        dtype: dtype of the result (drawn and normalised in float32 first).
 
     Returns:
         float [V, d] with unit-norm rows.
@@ -31,8 +36,13 @@ def base_embeddings(key: jax.Array, vocab_size: int, d_model: int, dtype: jnp.dt
     return e.astype(dtype)
 
 
-def orthonormal_embeddings(key: jax.Array, vocab_size: int, d_model: int) -> jax.Array:
+def orthonormal_embeddings(key: PRNGKey, vocab_size: int, d_model: int) -> Float[Array, "V D"]:
     """Embeddings with exactly orthonormal rows (needs ``vocab_size <= d_model``).
+
+    Args:
+        key: PRNG key.
+        vocab_size: V.
+        d_model: d, at least V.
 
     Returns:
         float32 [V, d] with ``E @ E.T == I``.
@@ -45,7 +55,7 @@ def orthonormal_embeddings(key: jax.Array, vocab_size: int, d_model: int) -> jax
     return q.T
 
 
-def context_probabilities(contexts: np.ndarray, prev: CountMatrix) -> np.ndarray:
+def context_probabilities(contexts: Integer[ArrayLike, "R n"], prev: CountMatrix) -> Float[np.ndarray, " R"]:
     """``P^{n-1,0}(t_n | t_1..t_{n-1})`` for each n-gram row of ``contexts``.
 
     Args:
@@ -65,7 +75,9 @@ def context_probabilities(contexts: np.ndarray, prev: CountMatrix) -> np.ndarray
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0).astype(np.float32)
 
 
-def ngram_embeddings(base: jax.Array, contexts: np.ndarray, prev: CountMatrix | None = None) -> jax.Array:
+def ngram_embeddings(
+    base: Float[ArrayLike, "V D"], contexts: Integer[ArrayLike, "R n"], prev: CountMatrix | None = None
+) -> Float[ArrayLike, "R D"]:
     """The seed's n-gram embeddings ``E^n[(t_1..t_n)] = P^{n-1,0}(t_n | t_1..t_{n-1}) E[t_n]``.
 
     ``E^1`` is ``E`` gathered at the observed unigrams.

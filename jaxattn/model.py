@@ -8,6 +8,7 @@ The forward pass is written for one sequence; :func:`forward_batch` vmaps it ove
 Attention inside a layer is one single-head kernel vmapped over heads.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.errors import JaxattnError
+from jaxattn.typing import Array, ArrayLike, Float, Integer, PRNGKey
 
 Params = dict[str, jax.Array]
 
@@ -95,6 +97,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, vocab_size: int, **overrides: Any) -> ModelConfig:
     """A named preset ("seed" or "small") for a vocabulary.
 
+    Args:
+        name: a key of :data:`PRESETS`.
+        vocab_size: V.
+        **overrides: ModelConfig fields to change; None values are ignored.
+
+    Returns:
+        The :class:`ModelConfig`.
+
     Raises:
         JaxattnError: unknown preset name.
     """
@@ -104,8 +114,12 @@ def preset(name: str, vocab_size: int, **overrides: Any) -> ModelConfig:
     return ModelConfig(vocab_size=int(vocab_size), **kw)
 
 
-def init_mlp(key: jax.Array, config: ModelConfig) -> Params:
+def init_mlp(key: PRNGKey, config: ModelConfig) -> Params:
     """Untrained MLP and LayerNorm parameters, stacked over layers.
+
+    Args:
+        key: PRNG key of the MLP weights (normal, std ``config.mlp_std``).
+        config: the model config.
 
     Returns:
         w1 [L, D, F], b1 [L, F], w2 [L, F, D], b2 [L, D], ln{1,2}_{scale,bias} [L, D],
@@ -128,15 +142,27 @@ def init_mlp(key: jax.Array, config: ModelConfig) -> Params:
     }
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """LayerNorm over the last axis, computed in float32."""
+def layer_norm(
+    x: Float[Array, "*batch D"], scale: Float[Array, " D"], bias: Float[Array, " D"], eps: float = 1e-5
+) -> Float[Array, "*batch D"]:
+    """LayerNorm over the last axis, computed in float32.
+
+    Args:
+        x: [..., D].
+        scale: [D].
+        bias: [D].
+        eps: added to the variance.
+
+    Returns:
+        [..., D], in the dtype of ``x``.
+    """
     x32 = x.astype(jnp.float32)
     mu = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.var(x32, axis=-1, keepdims=True)
     return ((x32 - mu) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
 
 
-def causal_softmax(scores: jax.Array) -> jax.Array:
+def causal_softmax(scores: Float[ArrayLike, "T S"]) -> Float[Array, "T S"]:
     """Row softmax in float32 over keys ``s <= t``.
 
     Args:
@@ -153,15 +179,15 @@ def causal_softmax(scores: jax.Array) -> jax.Array:
 
 
 def attention_head(
-    q_in: jax.Array,
-    k_in: jax.Array,
-    v_in: jax.Array,
-    wq: jax.Array,
-    wk: jax.Array,
-    wv: jax.Array,
-    wo: jax.Array,
-    logits: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    q_in: Float[ArrayLike, "T D"],
+    k_in: Float[ArrayLike, "T D"],
+    v_in: Float[ArrayLike, "T D"],
+    wq: Float[ArrayLike, "D K"],
+    wk: Float[ArrayLike, "D K"],
+    wv: Float[ArrayLike, "D K"],
+    wo: Float[ArrayLike, "K D"],
+    logits: Float[ArrayLike, "T T"] | None = None,
+) -> tuple[Float[Array, "T D"], Float[Array, "T T"]]:
     """One causal attention head on one sequence.
 
     Args:
@@ -201,18 +227,18 @@ class ForwardOutput(NamedTuple):
         query_inputs: [L, T, D] the query-side input of every layer (None unless asked).
     """
 
-    logits: jax.Array
-    attn: jax.Array
-    query_inputs: jax.Array | None
+    logits: Float[Array, "*B T V"]
+    attn: Float[Array, "*B L H T T"]
+    query_inputs: Float[Array, "*B L T D"] | None
 
 
 def forward(
     params: Params,
-    tokens: jax.Array,
+    tokens: Integer[ArrayLike, " T"],
     config: ModelConfig,
     *,
-    qk_inputs: tuple[jax.Array, jax.Array] | None = None,
-    attn_logits: jax.Array | None = None,
+    qk_inputs: tuple[Float[Array, "L T D"], Float[Array, "L T D"]] | None = None,
+    attn_logits: Float[Array, "L H T T"] | None = None,
     return_inputs: bool = False,
 ) -> ForwardOutput:
     """Runs the frozen pre-LN decoder on one sequence.
@@ -263,11 +289,11 @@ def forward(
 @functools.partial(jax.jit, static_argnames=("config", "return_inputs"))
 def forward_batch(
     params: Params,
-    tokens: jax.Array,
+    tokens: Integer[ArrayLike, "B T"],
     config: ModelConfig,
     *,
-    qk_inputs: tuple[jax.Array, jax.Array] | None = None,
-    attn_logits: jax.Array | None = None,
+    qk_inputs: tuple[Float[ArrayLike, "B L T D"], Float[ArrayLike, "B L T D"]] | None = None,
+    attn_logits: Float[ArrayLike, "B L H T T"] | None = None,
     return_inputs: bool = False,
 ) -> ForwardOutput:
     """:func:`forward` vmapped over a batch.
@@ -309,8 +335,16 @@ class DerivedTransformer(nnx.Module):
         out["embed"] = self.embed[...]
         return out
 
-    def __call__(self, tokens: jax.Array, **kwargs: Any) -> ForwardOutput:
-        """Forward on int [T] or [B, T] tokens."""
+    def __call__(self, tokens: Integer[ArrayLike, "*B T"], **kwargs: Any) -> ForwardOutput:
+        """Forward on int [T] or [B, T] tokens.
+
+        Args:
+            tokens: int [T] (one sequence) or [B, T] (a batch).
+            **kwargs: ``qk_inputs``, ``attn_logits``, ``return_inputs``, as for :func:`forward`.
+
+        Returns:
+            :class:`ForwardOutput` (with a leading B axis for a batch).
+        """
         tokens = jnp.asarray(tokens)
         if tokens.ndim == 1:
             return forward(self.params(), tokens, self.config, **kwargs)

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxattn.alignment import METRIC_NAMES, expected_for_layout, layer_head_metrics, pool, sample_sequences
 from jaxattn.corpus import Corpus, corpus_from_documents, read_documents, split_heldout
-from jaxattn.counts import CountMatrix, count_tables
+from jaxattn.counts import CountMatrix, check_dense_size, count_tables
 from jaxattn.derive import derive_params
 from jaxattn.errors import JaxattnError
 from jaxattn.model import ModelConfig, Params, forward_batch, preset
@@ -150,6 +150,30 @@ def load_split(
     return corpus, eval_corpus
 
 
+def check_run_memory(config: ModelConfig, run: RunConfig) -> None:
+    """Refuses a run whose largest dense arrays would exceed the memory budget, before allocating.
+
+    The estimate covers the arrays whose size the command line controls: the actual attention
+    float32 [B, L, H, T, T], the expected attention float32 [P, B, T, T], the MLP weights
+    float32 [L, D, 4D] and the embeddings float32 [V, D]. The budget is ``run.max_dense_bytes``
+    (``--max-dense-bytes``), else ``JAXATTN_MAX_DENSE_BYTES``, else 4 GiB.
+
+    Args:
+        config: the model config.
+        run: the run config (B = ``num_seqs``, T = ``seq_len``).
+
+    Raises:
+        MemoryBudgetError: naming the array, its shape, the estimated size and the budget.
+    """
+    B, T = int(run.num_seqs), int(run.seq_len)
+    L, H, D, V = config.num_layers, config.num_heads, config.d_model, config.vocab_size
+    P = len({config.layout(l, h) for l in range(L) for h in range(H)})
+    check_dense_size((B, L, H, T, T), 4, "attention", run.max_dense_bytes)
+    check_dense_size((P, B, T, T), 4, "expected attention", run.max_dense_bytes)
+    check_dense_size((L, D, 4 * D), 4, "MLP weights", run.max_dense_bytes)
+    check_dense_size((V, D), 4, "embeddings", run.max_dense_bytes)
+
+
 def prepare(
     corpus: Corpus,
     eval_corpus: Corpus,
@@ -174,6 +198,7 @@ def prepare(
     """
     timer = timer or Timer()
     config = preset(run.preset, corpus.vocab_size, tokenizer=run.tokenizer, **dict(run.model_overrides))
+    check_run_memory(config, run)  # refuse before counting, not after minutes of work
     with timer.stage("count"):
         if tables is None:
             tables = count_tables(
@@ -184,6 +209,12 @@ def prepare(
                 doc_ids=corpus.doc_ids,
                 max_dense_bytes=run.max_dense_bytes,
                 progress=progress,
+            )
+        wrong_v = sorted({int(cm.vocab_size) for cm in tables.values()} - {config.vocab_size})
+        if wrong_v:
+            raise JaxattnError(
+                f"count tables have vocab_size {wrong_v[0]}, but the corpus has vocab_size={config.vocab_size} "
+                "(counted on another corpus or with another tokenizer?)"
             )
         missing = [p for p in config.pairs if p not in tables]
         if missing:

@@ -10,6 +10,22 @@ import pytest
 
 os.environ.setdefault("JAXATTN_NO_PROGRESS", "1")
 
+# Runtime shape/dtype checking of the jaxtyping annotations, in tests only: every call into
+# these modules is checked by beartype (see jaxattn/typing.py). Must run before jaxattn is
+# imported. JAXATTN_TYPECHECK=0 switches it off (e.g. to time something).
+TYPECHECKED_MODULES = (
+    "jaxattn.alignment",
+    "jaxattn.counts",
+    "jaxattn.derive",
+    "jaxattn.embeddings",
+    "jaxattn.io",
+    "jaxattn.model",
+)
+if os.environ.get("JAXATTN_TYPECHECK", "1") != "0":
+    import jaxtyping
+
+    jaxtyping.install_import_hook(TYPECHECKED_MODULES, "jaxattn.typing.typechecker")
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
 
 

@@ -1,0 +1,298 @@
+"""Multi-device counting and alignment with JAX's own SPMD: ``Mesh``, ``NamedSharding``, ``shard_map``.
+
+Axis vocabulary: N corpus tokens, D devices in the mesh, C tokens per shard, Z non-zero counts,
+P distinct (n, s) tables, B sequences, L layers, H heads, T positions.
+
+Counting (:func:`sharded_count_keys`) splits the corpus into D contiguous shards of C tokens.
+Each shard receives, with ``ppermute``, the first ``n+s`` tokens of the next shard (its halo), so
+the windows that straddle a shard edge are counted exactly once, by the shard they start in.
+Windows that span a document boundary or run past the corpus end are masked. The shards then
+reduce exactly: a ``psum`` of int32 bincounts when ``V**(n+1)`` bins are affordable, else each
+shard sorts its windows (``lax.sort`` on the n+1 token columns) into unique rows and counts, and
+the host merges the D sorted lists. Integer sums are associative, so the result is the
+single-device count, bit for bit.
+
+Alignment (:func:`sharded_layer_head_metrics`) shards the batch of sequences (and optionally the
+layers) of :func:`jaxattn.alignment.layer_head_metrics`. Every metric is a per-sequence quantity,
+so no value is reduced across devices and each device runs the single-device kernel on its slice.
+
+The mesh may have several axes; by default the corpus and the batch are split over all of them.
+"""
+
+# ruff: noqa: F722  (jaxtyping shape strings are not Python expressions)
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxattn.counts import _DENSE_BINS_MAX, _shrink_counts, key_dtype
+from jaxattn.errors import JaxattnError
+
+#: Windows per sharded launch, so that every int32 count and position stays far from overflow.
+_MAX_WINDOWS_PER_LAUNCH = 1 << 30
+
+__all__ = ["make_mesh", "sharded_count_keys", "sharded_layer_head_metrics"]
+
+
+def make_mesh(num_devices: int | None = None, axis_name: str = "data") -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices of the default backend.
+
+    Raises:
+        JaxattnError: when more devices are asked for than exist.
+    """
+    devs = jax.devices()
+    k = len(devs) if num_devices is None else int(num_devices)
+    if not 1 <= k <= len(devs):
+        raise JaxattnError(f"num_devices={num_devices} is not in [1, {len(devs)}] (devices available here)")
+    return Mesh(np.array(devs[:k]), (axis_name,))
+
+
+def _axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(mesh.axis_names)
+
+
+def _halo(x: jax.Array, span: int, axes: tuple[str, ...], num_devices: int) -> jax.Array:
+    """``x`` [C] followed by the first ``span`` entries of the next shard (the last shard gets shard 0's)."""
+    perm = [(i, (i - 1) % num_devices) for i in range(num_devices)]
+    return jnp.concatenate([x, jax.lax.ppermute(x[:span], axes, perm)])
+
+
+def _local_windows(
+    tok: jax.Array, seg: jax.Array, *, n: int, s: int, chunk: int, length: jax.Array, axes: tuple[str, ...], nd: int
+) -> tuple[list[jax.Array], jax.Array]:
+    """Token columns [n+1] x [C] of the windows starting in this shard, and their validity [C]."""
+    span = n + s
+    x = _halo(tok, span, axes, nd)
+    g = _halo(seg, span, axes, nd)
+    pos = jax.lax.axis_index(axes) * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    valid = (pos < length - span) & (g[:chunk] == g[span : span + chunk])
+    cols = [x[k : k + chunk] for k in range(n)] + [x[span : span + chunk]]
+    return cols, valid
+
+
+@functools.cache
+def _dense_fn(mesh: Mesh, n: int, s: int, vocab_size: int, chunk: int) -> Any:
+    axes, nd = _axes(mesh), mesh.devices.size
+    nbins = vocab_size ** (n + 1)
+
+    def local(tok: jax.Array, seg: jax.Array, length: jax.Array) -> jax.Array:
+        cols, valid = _local_windows(tok, seg, n=n, s=s, chunk=chunk, length=length, axes=axes, nd=nd)
+        key = cols[0]
+        for c in cols[1:]:
+            key = key * vocab_size + c
+        key = jnp.where(valid, key, nbins)  # invalid windows land in a dump bin
+        counts = jnp.zeros(nbins + 1, jnp.int32).at[key].add(1, mode="promise_in_bounds")[:nbins]
+        return jax.lax.psum(counts, axes)  # int32 sums: exact and order-independent
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())
+    return jax.jit(f)
+
+
+@functools.cache
+def _sorted_fn(mesh: Mesh, n: int, s: int, vocab_size: int, chunk: int) -> Any:
+    axes, nd = _axes(mesh), mesh.devices.size
+
+    def local(tok: jax.Array, seg: jax.Array, length: jax.Array) -> tuple[jax.Array, ...]:
+        cols, valid = _local_windows(tok, seg, n=n, s=s, chunk=chunk, length=length, axes=axes, nd=nd)
+        # Lexicographic order of the token columns is the order of the packed keys; invalid
+        # windows become the row (V, ..., V) and sort last.
+        cols = [jnp.where(valid, c, vocab_size) for c in cols]
+        cols = list(jax.lax.sort(tuple(cols), num_keys=n + 1))
+        new = jnp.zeros(chunk, bool).at[0].set(True)
+        for c in cols:
+            new = new.at[1:].set(new[1:] | (c[1:] != c[:-1]))
+        run = jnp.cumsum(new.astype(jnp.int32)) - 1
+        counts = jnp.zeros(chunk, jnp.int32).at[run].add(1)
+        heads = [jnp.zeros(chunk, jnp.int32).at[run].set(c) for c in cols]
+        return (*heads, counts)
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P(axes))
+    return jax.jit(f)
+
+
+def _shard_inputs(
+    tok: np.ndarray, seg: np.ndarray | None, span: int, nd: int, mesh: Mesh
+) -> tuple[jax.Array, jax.Array, int]:
+    """Pads the tokens and segment ids to D equal shards (>= span tokens each) and places them."""
+    length = tok.shape[0]
+    chunk = max(-(-length // nd), span, 1)
+    t = np.zeros(nd * chunk, np.int32)
+    t[:length] = tok
+    g = np.full(nd * chunk, -1, np.int32)  # padding never matches a real segment
+    g[:length] = 0 if seg is None else seg
+    sharding = NamedSharding(mesh, P(_axes(mesh)))
+    return jax.device_put(t, sharding), jax.device_put(g, sharding), chunk
+
+
+def _merge_sorted(parts: list[tuple[np.ndarray, np.ndarray]], dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Merges per-shard (sorted unique keys, counts) into one sorted unique list (exact int64 sums)."""
+    keys = np.concatenate([k for k, _ in parts]).astype(dt, copy=False)
+    vals = np.concatenate([v for _, v in parts]).astype(np.int64, copy=False)
+    if keys.size == 0:
+        return keys, vals
+    order = np.argsort(keys, kind="stable")
+    keys, vals = keys[order], vals[order]
+    new = np.empty(keys.shape, bool)
+    new[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=new[1:])
+    first = np.flatnonzero(new)
+    return keys[first], np.add.reduceat(vals, first)
+
+
+def sharded_count_keys(
+    tok: np.ndarray, seg: np.ndarray | None, n: int, s: int, vocab_size: int, mesh: Mesh
+) -> tuple[np.ndarray, np.ndarray]:
+    """Counts ``C^{n,s}`` with the corpus split over ``mesh``: the same result as :func:`counts.count_keys`.
+
+    Args:
+        tok: int [N] token ids in ``[0, vocab_size)`` (validated by the caller).
+        seg: int [N] non-decreasing segment (document) ids, or None for one document.
+        n: context length.
+        s: skip.
+        vocab_size: V.
+        mesh: the device mesh; the corpus is split over all its axes.
+
+    Returns:
+        keys: int32/int64 [Z] packed ``context * V + target``, sorted ascending and unique;
+        counts: int32 (int64 on overflow) [Z] > 0.
+    """
+    dt = key_dtype(vocab_size, n)
+    span = n + s
+    tok = np.asarray(tok)
+    length = tok.shape[0]
+    if length - span <= 0:
+        return np.zeros(0, dt), np.zeros(0, np.int32)
+    nd = int(mesh.devices.size)
+    dense = vocab_size ** (n + 1) <= _DENSE_BINS_MAX
+    if not dense and vocab_size >= np.iinfo(np.int32).max:
+        raise JaxattnError(f"vocab_size={vocab_size} is too large for int32 token columns")
+    total: np.ndarray | None = None
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    # Launches of at most _MAX_WINDOWS_PER_LAUNCH windows; each sees `span` tokens past its end.
+    for start in range(0, length - span, _MAX_WINDOWS_PER_LAUNCH):
+        stop = min(start + _MAX_WINDOWS_PER_LAUNCH + span, length)
+        t_dev, g_dev, chunk = _shard_inputs(
+            tok[start:stop], None if seg is None else seg[start:stop], span, nd, mesh
+        )
+        piece_len = jnp.int32(stop - start)
+        if dense:
+            counts = np.asarray(_dense_fn(mesh, n, s, vocab_size, chunk)(t_dev, g_dev, piece_len)).astype(np.int64)
+            total = counts if total is None else total + counts
+        else:
+            *heads, counts = (np.asarray(a) for a in _sorted_fn(mesh, n, s, vocab_size, chunk)(t_dev, g_dev, piece_len))
+            keep = (counts > 0) & (heads[0] < vocab_size)
+            key = np.zeros(int(keep.sum()), dt)
+            for h in heads:
+                key = key * dt.type(vocab_size) + h[keep].astype(dt)
+            parts.append((key, counts[keep]))
+    if dense:
+        assert total is not None
+        keys = np.flatnonzero(total)
+        return keys.astype(dt), _shrink_counts(total[keys])
+    keys, vals = _merge_sorted(parts, dt)
+    return keys, _shrink_counts(vals)
+
+
+@functools.cache
+def _metrics_fn(mesh: Mesh, batch_axes: tuple[str, ...], layer_axis: str | None) -> Any:
+    from jaxattn.alignment import layer_head_metrics
+
+    b = batch_axes if batch_axes else None
+    in_specs = (P(None, b), P(None, b), P(layer_axis), P(b, layer_axis))
+    f = jax.shard_map(layer_head_metrics, mesh=mesh, in_specs=in_specs, out_specs=P(layer_axis, None, b))
+    return jax.jit(f)
+
+
+def _pad_axis(x: Any, axis: int, size: int) -> np.ndarray | jax.Array:
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return np.pad(np.asarray(x), widths)
+
+
+#: XLA:CPU sums a reduction whose input has fewer elements than this in a different order than a
+#: larger one (measured on jaxlib 0.10: a row sum over 16 floats differs in the last ulp between
+#: 255 and 256 rows, and never within either regime). See :func:`_local_batch`.
+_XLA_SMALL_REDUCTION = 4096
+
+
+def _local_batch(B: int, num_shards: int, L_local: int, L: int, H: int, T: int, S: int) -> int:
+    """Sequences per shard: ``ceil(B / shards)``, raised so each float sum stays in the single-device regime.
+
+    The metric kernel sums over keys (input [L, H, B, T, S]) and over queries ([L, H, B, T]). The
+    per-sequence results are independent of B, except that XLA:CPU picks its summation order by
+    input size (see ``_XLA_SMALL_REDUCTION``). When the single-device input of a sum is large, the
+    shard's must be too, so the shard gets extra masked sequences; a small single-device input
+    implies small shard inputs. Then every metric is bit-identical to the single-device call.
+    """
+    need = -(-B // num_shards)
+    for per_seq in (T * S, T):
+        if L * H * B * per_seq >= _XLA_SMALL_REDUCTION:
+            need = max(need, -(-_XLA_SMALL_REDUCTION // (L_local * H * per_seq)))
+    return need
+
+
+def sharded_layer_head_metrics(
+    expected: Any, mask: Any, pair_index: Any, attn: Any, mesh: Mesh, *, layer_axis: str | None = None
+) -> dict[str, jax.Array]:
+    """:func:`jaxattn.alignment.layer_head_metrics` with the batch (and optionally layers) sharded.
+
+    Args:
+        expected: float [P, B, T, T] expected attention per distinct (n, s).
+        mask: bool [P, B, T, T] valid query-key pairs.
+        pair_index: int [L, H], which (n, s) each head uses.
+        attn: float [B, L, H, T, T] actual attention.
+        mesh: device mesh. B is split over every mesh axis except ``layer_axis``.
+        layer_axis: optional mesh axis name to split the layers over (the layer x head grid).
+
+    Returns:
+        dict of [L, H, B] arrays, equal (bit for bit) to the single-device call. B (and L) are
+        padded to a multiple of the shard count with masked sequences, which are dropped (see
+        :func:`_local_batch` for why a shard may get more padding than that).
+
+    Raises:
+        JaxattnError: bad ``layer_axis`` or mismatched shapes.
+    """
+    axes = _axes(mesh)
+    if layer_axis is not None and layer_axis not in axes:
+        raise JaxattnError(f"layer_axis={layer_axis!r} is not an axis of the mesh {axes}")
+    batch_axes = tuple(a for a in axes if a != layer_axis)
+    nb = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+    nl = mesh.shape[layer_axis] if layer_axis is not None else 1
+    if np.ndim(attn) != 5 or np.ndim(expected) != 4 or np.shape(mask) != np.shape(expected):
+        raise JaxattnError(
+            f"expected [P,B,T,T], mask like it and attn [B,L,H,T,T]; got {np.shape(expected)}, "
+            f"{np.shape(mask)}, {np.shape(attn)}"
+        )
+    B, L = attn.shape[0], attn.shape[1]
+    if expected.shape[1] != B or np.shape(pair_index) != tuple(attn.shape[1:3]):
+        raise JaxattnError(
+            f"batch or layout mismatch: expected {np.shape(expected)}, pair_index {np.shape(pair_index)}, "
+            f"attn {np.shape(attn)}"
+        )
+    Lp = -(-L // nl) * nl
+    Bp = _local_batch(B, nb, Lp // nl, L, attn.shape[2], attn.shape[3], attn.shape[4]) * nb
+    expected = _pad_axis(expected, 1, Bp)
+    mask = _pad_axis(mask, 1, Bp)  # padded sequences have no valid query: all metrics 0
+    attn = _pad_axis(_pad_axis(attn, 0, Bp), 1, Lp)
+    pair_index = _pad_axis(np.asarray(pair_index, np.int32), 0, Lp)
+    b = batch_axes if batch_axes else None
+    placed = [
+        jax.device_put(jnp.asarray(x, dt), NamedSharding(mesh, spec))
+        for x, dt, spec in (
+            (expected, jnp.float32, P(None, b)),
+            (mask, bool, P(None, b)),
+            (pair_index, jnp.int32, P(layer_axis)),
+            (attn, jnp.float32, P(b, layer_axis)),
+        )
+    ]
+    out = _metrics_fn(mesh, batch_axes, layer_axis)(*placed)
+    return {k: v[:L, :, :B] for k, v in out.items()}
