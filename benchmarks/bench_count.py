@@ -131,6 +131,11 @@ def sklearn_char_ngrams(texts: list[str]) -> Any:
     return cv.fit_transform(texts)
 
 
+def _as_dict(cm: Any) -> dict:
+    rows = zip(cm.rows, cm.cols, cm.values, strict=True)
+    return {(tuple(int(x) for x in cm.contexts[r]), int(c)): int(v) for r, c, v in rows}
+
+
 def check_exact(ours: dict, peer: dict, V: int) -> bool:
     """Every table of ours equals the numpy peer's dense counts."""
     for (n, s), cm in ours.items():
@@ -164,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tokens, docs, tokenizer, source = load_tokens(N)
     V = tokenizer.vocab_size
-    print(f"data: {N:.3g} char tokens, V={V}, {int(docs.max()) + 1} documents ({source}); {time.perf_counter() - t0:.1f}s")
+    print(
+        f"data: {N:.3g} char tokens, V={V}, {int(docs.max()) + 1} documents ({source}); {time.perf_counter() - t0:.1f}s"
+    )
 
     def ours() -> Any:
         return count_tables(tokens, V, MAX_N, MAX_S, doc_ids=docs)
@@ -183,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = check_exact(ours(), peer(), V) and check_exact(ours_numpy(), peer(), V)
     print(f"exact (ours == numpy bincount on all {len(PAIRS)} tables): {exact}")
 
-    main_t = time_interleaved(
-        {"ours": ours, "ours_numpy": ours_numpy, "numpy_bincount": peer}, repeats=repeats
-    )
+    main_t = time_interleaved({"ours": ours, "ours_numpy": ours_numpy, "numpy_bincount": peer}, repeats=repeats)
     uniq_t = time_call(lambda: numpy_unique_tables(tokens, docs, V), repeats=1 if not args.quick else 2, first=False)
 
     sk_t = None
@@ -205,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     dict_s = time.perf_counter() - t0
     dict_extrap = dict_s * (N / sub)
     small = count_tables(tokens[:sub], V, MAX_N, MAX_S, doc_ids=docs[:sub])
-    dict_exact = all(
-        {(tuple(int(x) for x in cm.contexts[r]), int(c)): int(v) for r, c, v in zip(cm.rows, cm.cols, cm.values, strict=True)}
-        == dict(ref[p])
-        for p, cm in small.items()
-    )
+    dict_exact = all(_as_dict(cm) == dict(ref[p]) for p, cm in small.items())
 
     # Floor: every token must be read once; 1 byte per token is the least any method can read.
     if args.bandwidth_gbs:

@@ -49,7 +49,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--corpus", default=None, help="text file, directory or glob (default: Python stdlib docstrings)")
     p.add_argument("--eval-corpus", default=None, help="text scored for alignment (default: a held-out split)")
-    p.add_argument("--heldout", default=None, help="held-out split when no --eval-corpus: a document name or a fraction")
+    p.add_argument(
+        "--heldout", default=None, help="held-out split when no --eval-corpus: a document name or a fraction"
+    )
     p.add_argument("--preset", default="small", help="model preset: small (default) or seed")
     p.add_argument("--out", default=None, help="output directory (default: ./example_out/<script name>)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per evaluation sequence (default 64)")
@@ -64,7 +66,9 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def setup(description: str, argv: Sequence[str] | None = None, *, arg_parser: argparse.ArgumentParser | None = None) -> Example:
+def setup(
+    description: str, argv: Sequence[str] | None = None, *, arg_parser: argparse.ArgumentParser | None = None
+) -> Example:
     """Parses the flags, loads and counts the corpus, and runs the seed baseline.
 
     Args:
@@ -121,7 +125,9 @@ def _plot_before_after(path: Path, summaries: list[list[dict[str, Any]]], labels
     x = np.arange(L)
     width = 0.8 / len(summaries)
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 0.9 * L + 4), 3.6))
-    for ax, metric, name in zip(axes, ("cosine", "argmax_match_tied"), ("cosine", "tie-aware argmax match"), strict=True):
+    for ax, metric, name in zip(
+        axes, ("cosine", "argmax_match_tied"), ("cosine", "tie-aware argmax match"), strict=True
+    ):
         for k, (summ, lab) in enumerate(zip(summaries, labels, strict=True)):
             ax.bar(x + (k - (len(summaries) - 1) / 2) * width, [r[metric] for r in summ], width, label=lab)
         ax.set_xticks(x)
@@ -157,7 +163,10 @@ def report_before_after(
     c = prep.config
     print(f"corpus: {prep.corpus.source} ({prep.corpus.num_tokens:,} tokens, V={c.vocab_size})")
     print(f"eval:   {prep.eval_corpus.source}; {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens")
-    print(f"model:  preset {prep.run.preset}: {c.num_layers} layers x {c.num_heads} heads, d_model {c.d_model}, d_head {c.d_head}")
+    print(
+        f"model:  preset {prep.run.preset}: {c.num_layers} layers x {c.num_heads} heads, "
+        f"d_model {c.d_model}, d_head {c.d_head}"
+    )
     print()
     print("per-layer means over heads (min-max over heads): before (baseline) and after")
     print(report.format_layer_summary(before_rows + after_rows))

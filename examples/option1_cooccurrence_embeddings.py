@@ -24,7 +24,10 @@ def main() -> None:
     cfg = guarded(lambda: PPMIConfig(window=ex.args.window, alpha=ex.args.alpha, shift=ex.args.shift))
     after = guarded(lambda: run_option(ex.prep, "1", progress=not ex.args.no_progress, ppmi=cfg))
     info = after.extra["ppmi"]
-    print(f"PPMI: density {info['ppmi_density']:.2f}, mean |cos| between token embeddings {info['embedding_offdiag_abs_cos_mean']:.3f}")
+    print(
+        f"PPMI: density {info['ppmi_density']:.2f}, "
+        f"mean |cos| between token embeddings {info['embedding_offdiag_abs_cos_mean']:.3f}"
+    )
     report_before_after(ex, after, title="Option 1: PPMI+SVD embeddings, seed derivation (before: random embeddings)")
 
 

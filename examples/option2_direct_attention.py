@@ -22,10 +22,17 @@ def main() -> None:
     after = guarded(lambda: run_option(ex.prep, "2", progress=not ex.args.no_progress, floor=ex.args.floor))
     c = after.extra["cost"]
     print("cost of the gathered logits against the derived W_Q/W_K:")
-    print(f"  tables: {c['table_bytes_dense'] / 2**20:.2f} MiB dense ({c['table_bytes_sparse_coo'] / 2**20:.2f} MiB as COO, nnz {c['table_nnz']:,})")
-    print(f"  W_Q+W_K: {c['wq_wk_bytes'] / 2**20:.2f} MiB for all heads ({c['wq_wk_bytes_distinct_tables'] / 2**20:.2f} MiB distinct)")
     print(
-        f"  per batch {c['batch']}: context lookup {c['context_lookup_s'] * 1e3:.2f} ms + gather {c['gather_s'] * 1e3:.2f} ms"
+        f"  tables: {c['table_bytes_dense'] / 2**20:.2f} MiB dense "
+        f"({c['table_bytes_sparse_coo'] / 2**20:.2f} MiB as COO, nnz {c['table_nnz']:,})"
+    )
+    print(
+        f"  W_Q+W_K: {c['wq_wk_bytes'] / 2**20:.2f} MiB for all heads "
+        f"({c['wq_wk_bytes_distinct_tables'] / 2**20:.2f} MiB distinct)"
+    )
+    print(
+        f"  per batch {c['batch']}: context lookup {c['context_lookup_s'] * 1e3:.2f} ms "
+        f"+ gather {c['gather_s'] * 1e3:.2f} ms"
         f" vs q k^T {c['qk_scores_s'] * 1e3:.2f} ms  (ratio {c['gather_total_over_qk']:.2f})"
     )
     report_before_after(ex, after, title="Option 2: logits gathered from the count tables (before: seed derivation)")

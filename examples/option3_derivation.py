@@ -31,7 +31,9 @@ def main() -> None:
         print()
         extra["ablation"] = rows
         report.write_json(ex.out / "ablation.json", rows)
-    report_before_after(ex, after, title="Option 3: closed-form log-P derivation (before: seed derivation)", extra=extra)
+    report_before_after(
+        ex, after, title="Option 3: closed-form log-P derivation (before: seed derivation)", extra=extra
+    )
 
 
 if __name__ == "__main__":

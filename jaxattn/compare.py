@@ -55,7 +55,9 @@ def parse_options(spec: str | Sequence[str] | None) -> list[str]:
             continue
         name = name.removeprefix("option")
         if name not in OPTIONS:
-            raise JaxattnError(f"unknown option {str(raw).strip()!r} in --options; choose from all, {', '.join(OPTIONS)}")
+            raise JaxattnError(
+                f"unknown option {str(raw).strip()!r} in --options; choose from all, {', '.join(OPTIONS)}"
+            )
         chosen.add(name)
     if not chosen:
         raise JaxattnError(f"--options {spec!r} selects no option; choose from all, {', '.join(OPTIONS)}")

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ MAX_GRAM_ROWS = 2048
 #: Largest R for which n-gram decoding compares every query against every n-gram.
 MAX_DECODE_ROWS = 65536
 #: Inverse temperatures tried for the "perfect QK circuit" ceilings.
-BETA_GRID = tuple(float(b) for b in np.logspace(-1, 4, 26))
+BETA_GRID = tuple(float(b) for b in np.logspace(-1, 4, 26))  # includes 1.0
 #: Largest min(R, V) for which the reference SVD is exact (numpy, float64).
 EXACT_SVD_MAX = 4096
 #: |cos| above which two vectors count as parallel.
@@ -280,13 +281,28 @@ def query_inputs(prep: Prepared, params: Params, config: ModelConfig | None = No
         query inputs float32 [B, L, T, D], attention float32 [B, L, H, T, T].
     """
     config = config or prep.config
-    bs = max(1, int(prep.run.batch_size))
     qs, attn = [], []
-    for start in range(0, prep.tokens.shape[0], bs):
-        out = forward_batch(params, jnp.asarray(prep.tokens[start : start + bs]), config, return_inputs=True)
-        qs.append(np.asarray(out.query_inputs))
-        attn.append(np.asarray(out.attn))
+    for tok, n in _batches(prep.tokens, prep.run.batch_size):
+        out = forward_batch(params, jnp.asarray(tok), config, return_inputs=True)
+        qs.append(np.asarray(out.query_inputs)[:n])
+        attn.append(np.asarray(out.attn)[:n])
     return np.concatenate(qs), np.concatenate(attn)
+
+
+def _batches(tokens: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Chunks of ``batch_size`` sequences, the last one padded (so one shape compiles once).
+
+    Yields:
+        (int [bs, T] tokens, number of real sequences in the chunk).
+    """
+    B = tokens.shape[0]
+    bs = max(1, min(int(batch_size), B))
+    for start in range(0, B, bs):
+        chunk = tokens[start : start + bs]
+        n = chunk.shape[0]
+        if n < bs:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - n, axis=0)])
+        yield chunk, n
 
 
 def _gather_table(table: np.ndarray, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -628,8 +644,8 @@ def target_ceiling(prep: Prepared, *, factors: Factors | None = None) -> list[di
             with np.errstate(divide="ignore"):
                 logp = np.where(pr > 0, np.log(np.where(pr > 0, pr, 1.0)), -1e30)
             tgt = jnp.asarray(np.maximum(_gather_table(logp, rows, prep.tokens), np.finfo(np.float32).min / 2))
-            one = np.ones(1, np.float32)
-            row["log_probability"] = _sweep_summary(_beta_sweep(e, mk, tgt, jnp.asarray(one)), one)
+            # Same beta grid (one compiled shape); softmax(1 * log P) is the expected attention itself.
+            row["log_probability"] = _sweep_summary(_beta_sweep(e, mk, tgt, jnp.asarray(betas)), betas)
         except MemoryBudgetError as err:
             row["log_probability"] = {"skipped": str(err)}
         out.append(row)
@@ -796,13 +812,12 @@ def residual_stream(prep: Prepared, params: Params, config: ModelConfig | None =
         direction over all positions).
     """
     config = config or prep.config
-    bs = max(1, int(prep.run.batch_size))
     sums: dict[str, list[np.ndarray]] = {"x": [], "a": [], "m": [], "tok": []}
     xs_all = []
     e = _unit(np.asarray(params["embed"], np.float32))
-    for start in range(0, prep.tokens.shape[0], bs):
-        tok = prep.tokens[start : start + bs]
-        xs, a, m = (np.asarray(v) for v in residual_trace(params, jnp.asarray(tok), config))
+    for padded, n in _batches(prep.tokens, prep.run.batch_size):
+        tok = padded[:n]
+        xs, a, m = (np.asarray(v)[:n] for v in residual_trace(params, jnp.asarray(padded), config))
         sums["x"].append(np.linalg.norm(xs, axis=-1))
         sums["a"].append(np.linalg.norm(a, axis=-1))
         sums["m"].append(np.linalg.norm(m, axis=-1))
@@ -846,7 +861,12 @@ def _layer_means(prep: Prepared, attn: np.ndarray) -> dict[str, Any]:
 
 
 def counterfactuals(
-    prep: Prepared, params: Params, *, raw: Params | None = None, progress: bool = True
+    prep: Prepared,
+    params: Params,
+    *,
+    raw: Params | None = None,
+    seed_inputs: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Alignment when one suspected cause is switched off (same E, SVDs, MLP and sequences).
 
@@ -854,6 +874,14 @@ def counterfactuals(
     random MLP removed), ``no_value_output`` (W_O = 0: attention no longer writes into the
     residual stream), ``no_value_output_no_mlp`` (every layer's input is exactly the token
     embedding, so each layer shows its own Q/K derivation in isolation).
+
+    Args:
+        prep: the prepared run.
+        params: the seed derivation's parameters.
+        raw: :func:`raw_params` (computed when None).
+        seed_inputs: (query inputs, attention) of ``params`` already computed by
+            :func:`query_inputs` (reused for the "seed" variant).
+        progress: show progress.
 
     Returns:
         ``{variant: {"layers": [per-layer metric means over heads], "overall", "layer0",
@@ -873,7 +901,7 @@ def counterfactuals(
     out = {}
     for name in progress_iter(list(variants), desc="diagnostics: counterfactuals", enabled=progress):
         p, c = variants[name]
-        q, attn = query_inputs(prep, p, c)
+        q, attn = seed_inputs if (name == "seed" and seed_inputs is not None) else query_inputs(prep, p, c)
         res = _layer_means(prep, attn)
         own = np.einsum("bltd,btd->blt", _unit(q.astype(np.float32)), ln_e[prep.tokens])
         res["token_cosine"] = [float(v) for v in own.mean(axis=(0, 2))]
@@ -955,7 +983,9 @@ def diagnose(
             elif step == "residual":
                 diag["residual_stream"] = residual_stream(prep, params)
             elif step == "counterfactuals":
-                diag["counterfactuals"] = counterfactuals(prep, params, raw=state["raw"], progress=progress)
+                diag["counterfactuals"] = counterfactuals(
+                    prep, params, raw=state["raw"], seed_inputs=(state["q"], state["attn"]), progress=progress
+                )
             seconds[step] = round(time.perf_counter() - t0, 3)
     diag["timings_s"] = seconds
     return diag

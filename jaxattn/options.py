@@ -24,6 +24,7 @@ query factors of one layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -33,7 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.alignment import METRIC_NAMES, context_ids, expected_for_layout, sample_sequences
-from jaxattn.counts import CountMatrix, SparseMatrix, check_dense_size, count_matrix, pack_ngrams
+from jaxattn.counts import (
+    CountMatrix,
+    SparseMatrix,
+    check_dense_size,
+    count_matrix,
+    manifold_matrix,
+    pack_ngrams,
+    probability_matrix,
+)
 from jaxattn.derive import HeadWeights, assemble_params, dense_or_sparse, derive_vo, normalize_std, padded_svd
 from jaxattn.embeddings import base_embeddings, ngram_embeddings, orthonormal_embeddings
 from jaxattn.errors import JaxattnError
@@ -253,8 +262,9 @@ def run_option1(prep: Prepared, *, progress: bool = True, ppmi: PPMIConfig = PPM
 # Option 2: direct position-to-position attention from the tables
 # --------------------------------------------------------------------------- #
 
-#: Probability floor inside Option 2's log: well below the smallest non-zero P of any row
-#: with fewer than 1e8 counts, so unseen (context, token) pairs get ~0 attention, but finite.
+#: Probability floor inside Option 2's log: below the smallest non-zero P (1 / rowsum) of any
+#: row with fewer than 1e9 counts, so unseen (context, token) pairs get ~0 attention, but a
+#: finite logit (no -inf, so a row whose keys are all unseen stays a valid softmax).
 DIRECT_FLOOR = 1e-9
 
 
@@ -524,12 +534,14 @@ class DerivationConfig:
     ngram_queries: bool = False
     frequency_weighting: bool = False
     smoothing: float = 0.01
-    calibration_seqs: int = 32
+    calibration_seqs: int = 16
     tau_bounds: tuple[float, float] = (1e-4, 1e4)
 
     def __post_init__(self) -> None:
         if self.ngram_queries and not self.embed_stream:
-            raise JaxattnError("DerivationConfig: ngram_queries=True needs embed_stream=True (queries come via qk_inputs)")
+            raise JaxattnError(
+                "DerivationConfig: ngram_queries=True needs embed_stream=True (queries come via qk_inputs)"
+            )
         if not float(self.smoothing) > 0:
             raise JaxattnError(f"DerivationConfig.smoothing={self.smoothing} must be > 0")
         if int(self.calibration_seqs) < 1:
@@ -548,7 +560,11 @@ ABLATION_STEPS: tuple[tuple[str, str, str], ...] = (
     ("log_target", "log-P target", "factor the smoothed, row-centred log P~ instead of the manifold M"),
     ("temperature", "calibrated tau", "drop the std-0.01 rescaling of W_Q/W_K; fit tau on the count corpus"),
     ("pinv", "pseudo-inverse", "W = pinv(LN(E) rows) A instead of E^T A (exact for independent rows)"),
-    ("embed_stream", "embedding-stream Q/K", "queries and keys read LN(E[t]) via qk_inputs, not the MLP-dominated LN(x)"),
+    (
+        "embed_stream",
+        "embedding-stream Q/K",
+        "queries and keys read LN(E[t]) via qk_inputs, not the MLP-dominated LN(x)",
+    ),
     ("ngram_queries", "n-gram queries", "one query row per observed n-gram at n >= 2 (back-off to suffixes)"),
     ("frequency_weighting", "frequency weighting", "count-weighted rank-K factorisation and least squares"),
 )
@@ -624,8 +640,6 @@ def table_factors(cm: CountMatrix, rank: int, dcfg: DerivationConfig, *, key: ja
     Returns:
         :class:`TableFactors`.
     """
-    from jaxattn.counts import manifold_matrix
-
     row_w, col_w = _weights(cm, dcfg)
     if not dcfg.log_target and not dcfg.frequency_weighting:
         # Bit-for-bit the seed's derive_qk factors.
@@ -635,12 +649,8 @@ def table_factors(cm: CountMatrix, rank: int, dcfg: DerivationConfig, *, key: ja
         total = float(np.sum(np.asarray(M.values if isinstance(M, SparseMatrix) else M, np.float64) ** 2))
         kept = float(np.sum(np.asarray(S, np.float64) ** 2)) / max(total, 1e-300)
         return TableFactors(U * root, Vt.T * root, row_w, col_w, kept)
-    if dcfg.log_target:
-        T = centred_target(cm, dcfg, col_w)
-    else:
-        T = np.asarray(dense_or_sparse(manifold_matrix, cm), np.float64)
-        if isinstance(T, SparseMatrix):  # pragma: no cover - dense fits for any table that fits the weights
-            raise JaxattnError("frequency weighting of the manifold needs a dense table")
+    # Weighting (and log P~) are dense [R, V]: refused over the memory budget like any dense table.
+    T = centred_target(cm, dcfg, col_w) if dcfg.log_target else np.asarray(manifold_matrix(cm), np.float64)
     sr, sc = np.sqrt(row_w), np.sqrt(col_w)
     Z = sr[:, None] * T * sc[None, :]
     U, S, Vt = padded_svd(Z.astype(np.float32), rank, key=key)
@@ -666,7 +676,11 @@ def _lstsq(X: np.ndarray, Y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, flo
 def _suffix_rows(keys_prev: np.ndarray, ngrams: np.ndarray, vocab_size: int) -> np.ndarray:
     """Row of each n-gram's (n-1)-suffix among the sorted keys of the level below (-1 if absent)."""
     suffix = ngrams[:, 1:]
-    q = pack_ngrams(suffix, vocab_size, keys_prev.dtype) if suffix.shape[1] > 1 else suffix[:, 0].astype(keys_prev.dtype)
+    q = (
+        pack_ngrams(suffix, vocab_size, keys_prev.dtype)
+        if suffix.shape[1] > 1
+        else suffix[:, 0].astype(keys_prev.dtype)
+    )
     idx = np.searchsorted(keys_prev, q)
     idx_c = np.minimum(idx, len(keys_prev) - 1)
     return np.where((idx < len(keys_prev)) & (keys_prev[idx_c] == q), idx_c, -1)
@@ -728,7 +742,7 @@ def ngram_query_table(
     dcfg: DerivationConfig,
     *,
     key: jax.Array,
-) -> tuple[NgramQueryTable, np.ndarray]:
+) -> NgramQueryTable:
     """Builds the n-gram query rows of a layer whose heads use tables ``(n, s)``, s in ``s_values``.
 
     Each row holds the concatenation over s of a query factor: ``A_{n,s}[g]`` for an n-gram
@@ -740,10 +754,9 @@ def ngram_query_table(
     exact for every row when r <= D.
 
     Returns:
-        (the table, F float64 [Rq, F]).
+        :class:`NgramQueryTable`.
     """
     V = next(iter(tables.values())).vocab_size
-    K = None
     levels = list(range(1, n + 1))
     keys: dict[int, np.ndarray] = {}
     grams: dict[int, np.ndarray] = {}
@@ -792,7 +805,7 @@ def ngram_query_table(
     for m in reversed(levels):
         offsets.append(off)
         off += len(keys[m])
-    table = NgramQueryTable(
+    return NgramQueryTable(
         n=n,
         vocab_size=V,
         level_keys=tuple(keys[m] for m in reversed(levels)),
@@ -800,7 +813,6 @@ def ngram_query_table(
         rows=X.astype(np.float32),
         rank=r,
     )
-    return table, F
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -821,15 +833,19 @@ class QKInputs:
     layer_tables: tuple[int, ...]
     ngram_tables: tuple[NgramQueryTable, ...]
 
+    @functools.cached_property
+    def _stacked(self) -> tuple[jax.Array, np.ndarray]:
+        # Token rows first, then each n-gram table: one gather serves every layer.
+        rows = [self.key_rows] + [t.rows for t in self.ngram_tables]
+        return jnp.asarray(np.concatenate(rows)), np.cumsum([0] + [r.shape[0] for r in rows])
+
     def __call__(self, tokens: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """(q_in, k_in), each float32 [B, L, T, D], for int [B, T] tokens."""
         tokens = np.asarray(tokens)
-        rows = [self.key_rows] + [t.rows for t in self.ngram_tables]
-        offsets = np.cumsum([0] + [r.shape[0] for r in rows])
+        table, offsets = self._stacked
         ids = []
         for t in self.layer_tables:
             ids.append(tokens if t < 0 else offsets[t + 1] + self.ngram_tables[t].lookup(tokens))
-        table = jnp.asarray(np.concatenate(rows))
         q_in = jnp.take(table, jnp.asarray(np.stack(ids, axis=1)), axis=0)
         k_in = jnp.take(jnp.asarray(self.key_rows), jnp.asarray(tokens), axis=0)
         k_in = jnp.broadcast_to(k_in[:, None], q_in.shape)
@@ -893,15 +909,13 @@ def derive_option3(
     vo: dict[tuple[int, int], tuple[jax.Array, jax.Array]] = {}
     seed_en: dict[tuple[int, int], jax.Array] = {}
     for i, (n, s) in enumerate(pairs):
-        from jaxattn.counts import probability_matrix
-
         cm = tables[(n, s)]
         kq, kv = jax.random.split(jax.random.fold_in(k_svd, i))
         seed_en[(n, s)] = ngram_embeddings(embed, cm.contexts, tables.get((n - 1, 0)))
         factors[(n, s)] = table_factors(cm, K, dcfg, key=kq)
         vo[(n, s)] = derive_vo(dense_or_sparse(probability_matrix, cm), seed_en[(n, s)], embed, K, key=kv)
     # n-gram query tables, one per context length n >= 2 in the layout.
-    ngram: dict[int, tuple[NgramQueryTable, np.ndarray]] = {}
+    ngram: dict[int, NgramQueryTable] = {}
     if dcfg.ngram_queries:
         for n in sorted({n for n, _ in pairs if n >= 2}):
             s_values = sorted({s for m, s in pairs if m == n})
@@ -911,7 +925,7 @@ def derive_option3(
     for n, s in pairs:
         cm, fac = tables[(n, s)], factors[(n, s)]
         if n in ngram:
-            qt = ngram[n][0]
+            qt = ngram[n]
             idx = qt.lookup(cm.contexts)[:, -1]  # an observed n-gram finds its own row
             X_q = qt.rows[idx]
         elif dcfg.pinv:
@@ -946,10 +960,12 @@ def derive_option3(
     qk = None
     if dcfg.embed_stream:
         order = sorted(ngram)
-        layer_tables = tuple(order.index(config.layout(l, 0)[0]) if config.layout(l, 0)[0] in ngram else -1 for l in range(L))
-        qk = QKInputs(stream, layer_tables, tuple(ngram[n][0] for n in order))
-    info["ngram_query_rank"] = {str(n): t.rank for n, (t, _) in ngram.items()}
-    info["ngram_query_rows"] = {str(n): int(t.rows.shape[0]) for n, (t, _) in ngram.items()}
+        layer_tables = tuple(
+            order.index(config.layout(l, 0)[0]) if config.layout(l, 0)[0] in ngram else -1 for l in range(L)
+        )
+        qk = QKInputs(stream, layer_tables, tuple(ngram[n] for n in order))
+    info["ngram_query_rank"] = {str(n): t.rank for n, t in ngram.items()}
+    info["ngram_query_rows"] = {str(n): int(t.rows.shape[0]) for n, t in ngram.items()}
     return Derivation(params, qk, info)
 
 
@@ -1208,7 +1224,8 @@ def format_ablation(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"{r['step']:>4} {('+ ' if r['step'] else '') + r['ingredient']:<22} {r['cosine_mean']:6.3f} "
-            f"{r['cosine_worst_layer']:6.3f} {r['argmax_match_tied_mean']:6.1%} {r['argmax_match_tied_worst_layer']:6.1%} "
+            f"{r['cosine_worst_layer']:6.3f} {r['argmax_match_tied_mean']:6.1%} "
+            f"{r['argmax_match_tied_worst_layer']:6.1%} "
             f"{r['kl_mean']:6.3f} {r['entropy_mean']:7.3f}"
         )
     lines.append("")
@@ -1216,7 +1233,7 @@ def format_ablation(rows: list[dict[str, Any]]) -> str:
     lines.append("per-layer cosine / tied argmax match:")
     lines.append(f"{'step':>4} " + " ".join(f"{'L' + str(l):>11}" for l in range(L)))
     for r in rows:
-        cells = " ".join(f"{c:5.3f}/{t:4.0%}" for c, t in zip(r["cosine"], r["argmax_match_tied"]))
+        cells = " ".join(f"{c:5.3f}/{t:4.0%}" for c, t in zip(r["cosine"], r["argmax_match_tied"], strict=True))
         lines.append(f"{r['step']:>4} {cells}")
     return "\n".join(lines)
 

@@ -393,6 +393,8 @@ def metrics_document(
     if extra:
         doc.update(extra)
     return doc
+
+
 # --------------------------------------------------------------------------- #
 # `jaxattn compare`: options side by side, ablation, diagnostics
 # --------------------------------------------------------------------------- #
@@ -435,24 +437,23 @@ def format_options_summary(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_extra_scalars(extra: dict[str, Any], *, max_items: int = 10, prefix: str = "") -> str:
-    """The scalar entries of an option's ``extra`` (one level of nesting), as ``key=value`` pairs."""
-    items: list[str] = []
-    for k, v in extra.items():
-        if len(items) >= max_items:
-            break
-        if isinstance(v, bool) or v is None:
-            if v is not None:
-                items.append(f"{prefix}{k}={v}")
-        elif isinstance(v, (int, float, np.integer, np.floating)):
-            items.append(f"{prefix}{k}={float(v):.4g}")
-        elif isinstance(v, str) and len(v) <= 40:
-            items.append(f"{prefix}{k}={v}")
-        elif isinstance(v, dict) and not prefix:
-            sub = format_extra_scalars(v, max_items=max_items - len(items), prefix=f"{k}.")
-            if sub:
-                items.append(sub)
-    return ", ".join(items)
+def format_extra_scalars(extra: dict[str, Any], *, max_items: int = 8) -> str:
+    """Up to ``max_items`` scalar entries of an option's ``extra`` as ``key=value`` (top level, then one down)."""
+
+    def scalar(v: Any) -> str | None:
+        if isinstance(v, bool):
+            return str(v)
+        if isinstance(v, (int, float, np.integer, np.floating)):
+            return f"{float(v):.4g}"
+        if isinstance(v, str) and len(v) <= 40:
+            return v
+        return None
+
+    top = [(k, scalar(v)) for k, v in extra.items()]
+    nested = [(f"{k}.{k2}", scalar(v2)) for k, v in extra.items() if isinstance(v, dict) for k2, v2 in v.items()]
+    items = [f"{k}={t}" for k, t in top + nested if t is not None]
+    more = len(items) - max_items
+    return ", ".join(items[:max_items]) + (f", ... ({more} more in metrics.json)" if more > 0 else "")
 
 
 def plot_options_comparison(path: Path, layer_rows: list[dict[str, Any]], options: list[str]) -> None:
@@ -536,6 +537,7 @@ def plot_ablation(path: Path, rows: list[dict[str, Any]]) -> None:
             colour, marker, ls = _OPTION_STYLES[i % len(_OPTION_STYLES)]
             ax2.plot(range(len(per)), per, color=colour, marker=marker, linestyle=ls, label=labels[i], markersize=4)
     ax2.set_xlabel("layer")
+    ax2.set_xticks(range(max((len(r.get("argmax_match_tied") or []) for r in rows), default=0)))
     ax2.set_ylabel("tied argmax match (mean over heads)")
     ax2.set_ylim(0, 1.02)
     ax2.grid(True, alpha=0.3)
@@ -596,12 +598,13 @@ def plot_diagnostics(path: Path, rows: list[dict[str, Any]], diag: dict[str, Any
     x = np.array([r["layer"] for r in rows])
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax = axes[0, 0]
-    ax.plot(x, [r["row_range"] for r in rows], "o-", label="as run (std-0.01 weights)")
-    ax.plot(x, [r["raw_row_range"] for r in rows], "s--", label="un-normalised weights, same inputs")
+    ax.plot(x, [max(r["row_range"], 1e-3) for r in rows], "o-", label="as run (std-0.01 weights)")
+    ax.plot(x, [max(r["raw_row_range"], 1e-3) for r in rows], "s--", label="un-normalised weights, same inputs")
     need = [n["median_range"] for n in diag.get("needed_logit_range", [])]
     if need:
         ax.axhline(float(np.median(need)), color="k", linestyle=":", label="needed by the expected attention (median)")
-    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_yscale("log")
+    ax.margins(y=0.15)
     ax.set_ylabel("within-row max-min of q.k/sqrt(K) (nats)")
     ax.set_title("score spread per layer", fontsize=10)
     ax.legend(fontsize=8)

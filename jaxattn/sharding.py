@@ -12,9 +12,11 @@ shard sorts its windows (``lax.sort`` on the n+1 token columns) into unique rows
 the host merges the D sorted lists. Integer sums are associative, so the result is the
 single-device count, bit for bit.
 
-Alignment (:func:`sharded_layer_head_metrics`) shards the batch of sequences (and optionally the
-layers) of :func:`jaxattn.alignment.layer_head_metrics`. Every metric is a per-sequence quantity,
-so no value is reduced across devices and each device runs the single-device kernel on its slice.
+Alignment (:func:`sharded_layer_head_metrics`) shards the batch of sequences of
+:func:`jaxattn.alignment.layer_head_metrics`. Every metric is a per-sequence quantity, so no value
+is reduced across devices and each device runs the single-device kernel on its slice. (Sharding
+the layer axis too was tried and dropped: XLA:CPU then compiles the float sums with a different
+loop structure, e.g. for a size-1 layer axis, and the last ulp of ``cosine`` can move.)
 
 The mesh may have several axes; by default the corpus and the batch are split over all of them.
 """
@@ -177,9 +179,7 @@ def sharded_count_keys(
     # Launches of at most _MAX_WINDOWS_PER_LAUNCH windows; each sees `span` tokens past its end.
     for start in range(0, length - span, _MAX_WINDOWS_PER_LAUNCH):
         stop = min(start + _MAX_WINDOWS_PER_LAUNCH + span, length)
-        t_dev, g_dev, chunk = _shard_inputs(
-            tok[start:stop], None if seg is None else seg[start:stop], span, nd, mesh
-        )
+        t_dev, g_dev, chunk = _shard_inputs(tok[start:stop], None if seg is None else seg[start:stop], span, nd, mesh)
         piece_len = jnp.int32(stop - start)
         if dense:
             counts = np.asarray(_dense_fn(mesh, n, s, vocab_size, chunk)(t_dev, g_dev, piece_len)).astype(np.int64)
@@ -200,13 +200,12 @@ def sharded_count_keys(
 
 
 @functools.cache
-def _metrics_fn(mesh: Mesh, batch_axes: tuple[str, ...], layer_axis: str | None) -> Any:
+def _metrics_fn(mesh: Mesh) -> Any:
     from jaxattn.alignment import layer_head_metrics
 
-    b = batch_axes if batch_axes else None
-    in_specs = (P(None, b), P(None, b), P(layer_axis), P(b, layer_axis))
-    f = jax.shard_map(layer_head_metrics, mesh=mesh, in_specs=in_specs, out_specs=P(layer_axis, None, b))
-    return jax.jit(f)
+    b = _axes(mesh)
+    in_specs = (P(None, b), P(None, b), P(), P(b))
+    return jax.jit(jax.shard_map(layer_head_metrics, mesh=mesh, in_specs=in_specs, out_specs=P(None, None, b)))
 
 
 def _pad_axis(x: Any, axis: int, size: int) -> np.ndarray | jax.Array:
@@ -224,7 +223,7 @@ def _pad_axis(x: Any, axis: int, size: int) -> np.ndarray | jax.Array:
 _XLA_SMALL_REDUCTION = 4096
 
 
-def _local_batch(B: int, num_shards: int, L_local: int, L: int, H: int, T: int, S: int) -> int:
+def _local_batch(B: int, num_shards: int, L: int, H: int, T: int, S: int) -> int:
     """Sequences per shard: ``ceil(B / shards)``, raised so each float sum stays in the single-device regime.
 
     The metric kernel sums over keys (input [L, H, B, T, S]) and over queries ([L, H, B, T]). The
@@ -236,63 +235,52 @@ def _local_batch(B: int, num_shards: int, L_local: int, L: int, H: int, T: int, 
     need = -(-B // num_shards)
     for per_seq in (T * S, T):
         if L * H * B * per_seq >= _XLA_SMALL_REDUCTION:
-            need = max(need, -(-_XLA_SMALL_REDUCTION // (L_local * H * per_seq)))
+            need = max(need, -(-_XLA_SMALL_REDUCTION // (L * H * per_seq)))
     return need
 
 
 def sharded_layer_head_metrics(
-    expected: Any, mask: Any, pair_index: Any, attn: Any, mesh: Mesh, *, layer_axis: str | None = None
+    expected: Any, mask: Any, pair_index: Any, attn: Any, mesh: Mesh
 ) -> dict[str, jax.Array]:
-    """:func:`jaxattn.alignment.layer_head_metrics` with the batch (and optionally layers) sharded.
+    """:func:`jaxattn.alignment.layer_head_metrics` with the batch of sequences split over ``mesh``.
 
     Args:
         expected: float [P, B, T, T] expected attention per distinct (n, s).
         mask: bool [P, B, T, T] valid query-key pairs.
         pair_index: int [L, H], which (n, s) each head uses.
         attn: float [B, L, H, T, T] actual attention.
-        mesh: device mesh. B is split over every mesh axis except ``layer_axis``.
-        layer_axis: optional mesh axis name to split the layers over (the layer x head grid).
+        mesh: device mesh; B is split over all of its axes (``NamedSharding``), the rest replicated.
 
     Returns:
-        dict of [L, H, B] arrays, equal (bit for bit) to the single-device call. B (and L) are
-        padded to a multiple of the shard count with masked sequences, which are dropped (see
-        :func:`_local_batch` for why a shard may get more padding than that).
+        dict of [L, H, B] arrays, equal bit for bit to the single-device call. B is padded with
+        masked sequences (all metrics 0) to the shards' size, and those are dropped; see
+        :func:`_local_batch` for why a shard may get more padding than ``ceil(B / D)`` needs.
 
     Raises:
-        JaxattnError: bad ``layer_axis`` or mismatched shapes.
+        JaxattnError: mismatched shapes.
     """
     axes = _axes(mesh)
-    if layer_axis is not None and layer_axis not in axes:
-        raise JaxattnError(f"layer_axis={layer_axis!r} is not an axis of the mesh {axes}")
-    batch_axes = tuple(a for a in axes if a != layer_axis)
-    nb = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
-    nl = mesh.shape[layer_axis] if layer_axis is not None else 1
+    nd = int(mesh.devices.size)
     if np.ndim(attn) != 5 or np.ndim(expected) != 4 or np.shape(mask) != np.shape(expected):
         raise JaxattnError(
             f"expected [P,B,T,T], mask like it and attn [B,L,H,T,T]; got {np.shape(expected)}, "
             f"{np.shape(mask)}, {np.shape(attn)}"
         )
-    B, L = attn.shape[0], attn.shape[1]
-    if expected.shape[1] != B or np.shape(pair_index) != tuple(attn.shape[1:3]):
+    B, L, H, T, S = attn.shape
+    if expected.shape[1] != B or np.shape(pair_index) != (L, H) or expected.shape[2:] != (T, S):
         raise JaxattnError(
             f"batch or layout mismatch: expected {np.shape(expected)}, pair_index {np.shape(pair_index)}, "
             f"attn {np.shape(attn)}"
         )
-    Lp = -(-L // nl) * nl
-    Bp = _local_batch(B, nb, Lp // nl, L, attn.shape[2], attn.shape[3], attn.shape[4]) * nb
-    expected = _pad_axis(expected, 1, Bp)
-    mask = _pad_axis(mask, 1, Bp)  # padded sequences have no valid query: all metrics 0
-    attn = _pad_axis(_pad_axis(attn, 0, Bp), 1, Lp)
-    pair_index = _pad_axis(np.asarray(pair_index, np.int32), 0, Lp)
-    b = batch_axes if batch_axes else None
+    Bp = _local_batch(B, nd, L, H, T, S) * nd
     placed = [
-        jax.device_put(jnp.asarray(x, dt), NamedSharding(mesh, spec))
-        for x, dt, spec in (
-            (expected, jnp.float32, P(None, b)),
-            (mask, bool, P(None, b)),
-            (pair_index, jnp.int32, P(layer_axis)),
-            (attn, jnp.float32, P(b, layer_axis)),
+        jax.device_put(jnp.asarray(_pad_axis(x, axis, Bp), dt), NamedSharding(mesh, spec))
+        for x, axis, dt, spec in (
+            (expected, 1, jnp.float32, P(None, axes)),
+            (mask, 1, bool, P(None, axes)),  # padded sequences have no valid query
+            (attn, 0, jnp.float32, P(axes)),
         )
     ]
-    out = _metrics_fn(mesh, batch_axes, layer_axis)(*placed)
-    return {k: v[:L, :, :B] for k, v in out.items()}
+    pi = jax.device_put(jnp.asarray(pair_index, jnp.int32), NamedSharding(mesh, P()))
+    out = _metrics_fn(mesh)(placed[0], placed[1], pi, placed[2])
+    return {k: v[:, :, :B] for k, v in out.items()}

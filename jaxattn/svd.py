@@ -281,6 +281,7 @@ def _apply_t(op: jax.Array | _SparseOp, y: jax.Array, transpose: bool, m: int, n
 # ---------------------------------------------------------------------------
 
 
+@jax.jit
 def _sign_fix(u: jax.Array, s: jax.Array, vt: jax.Array):
     """Flips (u[:, k], vt[k]) so that u[:, k]'s largest-|.| entry is positive."""
     i = jnp.argmax(jnp.abs(u), axis=0)
@@ -300,60 +301,114 @@ def _exact_svd(a: jax.Array, *, rank: int):
 # ---------------------------------------------------------------------------
 
 
-def _orthonormalize(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Thin QR, z (n, b) = q (n, b) @ r (b, b)."""
-    return jnp.linalg.qr(z)
+def _inv_upper(r: jax.Array) -> jax.Array:
+    eye = jnp.eye(r.shape[0], dtype=r.dtype)
+    return jax.scipy.linalg.solve_triangular(r, eye, lower=False)
+
+
+def _cholqr2(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """CholeskyQR2: z (n, b) = q @ r; also returns whether it can be trusted."""
+    r1 = jnp.linalg.cholesky(z.T @ z).T
+    q = z @ _inv_upper(r1)
+    r2 = jnp.linalg.cholesky(q.T @ q).T
+    q = q @ _inv_upper(r2)
+    d = jnp.abs(jnp.diagonal(r1))
+    # Trust it while cond(z) is well below 1/sqrt(eps) (where CholQR2 is stable).
+    ok = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(r2)) & (
+        jnp.min(d) > 16 * jnp.sqrt(jnp.finfo(z.dtype).eps) * jnp.max(d)
+    )
+    return q, r2 @ r1, ok
+
+
+def _orthogonalize_against(z: jax.Array, basis: jax.Array, j: jax.Array) -> jax.Array:
+    """Removes from z (n, b) its components along blocks 0..j of basis (block CGS)."""
+
+    def body(i, z):
+        qi = basis[i]
+        return z - qi @ (qi.T @ z)
+
+    return jax.lax.fori_loop(0, j + 1, body, z)
+
+
+def _next_block(z: jax.Array, basis: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Orthonormal q (n, b) and upper-triangular r (b, b) with z = q @ r, q orthogonal to the basis.
+
+    The fast path is CholeskyQR2. When z is (nearly) rank deficient, the
+    Krylov space is (nearly) invariant: Householder QR, a second
+    orthogonalisation of q against the basis (so that the directions z does
+    not determine stay orthogonal to it), then r = q^T z re-triangularised.
+    """
+    q, r, ok = _cholqr2(z)
+
+    def robust(_):
+        q1, _ = jnp.linalg.qr(z)
+        q2, _ = jnp.linalg.qr(_orthogonalize_against(q1, basis, j))
+        o, u = jnp.linalg.qr(q2.T @ z)  # z = q2 (q2^T z) = (q2 o) u
+        return q2 @ o, u
+
+    def fast(_):
+        return q, r
+
+    q, rr = jax.lax.cond(ok, fast, robust, None)
+    return q, rr
 
 
 @functools.partial(jax.jit, static_argnames=("n", "block", "num_blocks", "dtype"))
-def _krylov_start(key: jax.Array, *, n: int, block: int, num_blocks: int, dtype: Any):
+def _krylov_start(key: jax.Array, *, n: int, block: int, num_blocks: int, dtype: Any) -> jax.Array:
     """Basis buffer (num_blocks, n, block) with a random orthonormal block 0."""
-    q, _ = _orthonormalize(jax.random.normal(key, (n, block), dtype))
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, block), dtype))
     basis = jnp.zeros((num_blocks, n, block), dtype)
     return basis.at[0].set(q)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("transpose", "m", "n"), donate_argnames=("basis",)
-)
+@functools.partial(jax.jit, static_argnames=("transpose", "m", "n"), donate_argnames=("basis",))
 def _krylov_step(op, basis: jax.Array, j: jax.Array, *, transpose: bool, m: int, n: int):
-    """One block Lanczos step with full reorthogonalisation.
+    """One block Lanczos step on ``G = A^T A`` with full reorthogonalisation.
 
     Args:
-        op: the matrix (dense (R, V) array or a :class:`_SparseOp`).
+        op: the matrix: a dense (R, V) array or a :class:`_SparseOp`.
         basis: (num_blocks, n, b) orthonormal blocks; blocks 0..j are filled.
-        j: current block index (traced int32 scalar).
+        j: the current block (int32 scalar, traced: one compilation for all j).
+        transpose: dense only: ``A = op.T`` instead of ``op``.
+        m: rows of A (the large side).
+        n: columns of A (the small side).
 
     Returns:
-        The basis with block j+1 filled, the diagonal block ``A_j`` (b, b) of
-        the block-tridiagonal projection ``T``, and ``R_{j+1}`` (b, b), upper
-        triangular, its sub-diagonal block.
+        The basis with block j+1 filled; ``a`` (b, b), the diagonal block j of
+        the block-tridiagonal projection ``T = Q^T G Q``; and ``r`` (b, b),
+        upper triangular, its block (j+1, j).
     """
     q = basis[j]
     z = _apply_t(op, _apply(op, q, transpose, m, n), transpose, m, n)
     a = q.T @ z
     a = 0.5 * (a + a.T)
     z = z - q @ a
-
-    def reorth(i, z):
-        qi = basis[i]
-        return z - qi @ (qi.T @ z)
-
-    z = jax.lax.fori_loop(0, j + 1, reorth, z)
-    qn, r = _orthonormalize(z)
+    z = _orthogonalize_against(z, basis, j)
+    qn, r = _next_block(z, basis, j)
     return basis.at[j + 1].set(qn), a, r
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "m", "n"))
-def _krylov_finish(op, basis: jax.Array, w: jax.Array, *, transpose: bool, m: int, n: int):
-    """Ritz vectors -> (small-side vectors (n, k), big-side (m, k), sigma (k,)).
+def _krylov_finish(op, basis: jax.Array, w: jax.Array, used: jax.Array, *, transpose: bool, m: int, n: int):
+    """Ritz vectors and singular values.
 
-    ``w`` is (num_blocks * b, k), the top eigenvectors of ``T`` padded with
-    zero rows for the blocks not used.
+    Args:
+        op, transpose, m, n: as for :func:`_krylov_step`.
+        basis: (num_blocks, n, b).
+        w: (num_blocks, b, k) the top eigenvectors of ``T``, by block.
+        used: number of blocks in ``T``.
+
+    Returns:
+        x (n, k) unit right vectors of A, y (m, k) unit left vectors, s (k,)
+        descending, with ``A @ x = y * s``.
     """
-    nb, _, b = basis.shape
-    x = jnp.einsum("jnb,jbk->nk", basis, w.reshape(nb, b, -1))
+
+    def body(i, x):
+        return x + basis[i] @ w[i]
+
+    x = jax.lax.fori_loop(0, used, body, jnp.zeros((n, w.shape[2]), basis.dtype))
     y = _apply(op, x, transpose, m, n)
+    # ||A x|| is sigma without the squaring of the Gram matrix's eigenvalue.
     s = jnp.linalg.norm(y, axis=0)
     order = jnp.argsort(-s)
     s, x, y = s[order], x[:, order], y[:, order]
@@ -361,67 +416,113 @@ def _krylov_finish(op, basis: jax.Array, w: jax.Array, *, transpose: bool, m: in
     return x, y, s
 
 
-def _ritz(diag: list[np.ndarray], sub: list[np.ndarray], rank: int, vectors: bool):
-    """Top ``rank`` eigenpairs of the block-tridiagonal ``T`` (float64, host).
-
-    Returns eigenvalues in descending order (and eigenvectors, (k, rank)).
-    """
+def _band(diag: list[np.ndarray], sub: list[np.ndarray]) -> np.ndarray:
+    """Lower band storage (b+1, k) of the block-tridiagonal T (float64)."""
     b = diag[0].shape[0]
     nb = len(diag)
     k = nb * b
     band = np.zeros((b + 1, k))
+    p, q = np.tril_indices(b)  # a[p, q], p >= q: offset p - q, column q
     for j, a in enumerate(diag):
-        for u in range(b):
-            band[u, j * b : (j + 1) * b - u] = np.diagonal(a, -u)
+        band[p - q, j * b + q] = a[p, q]
+    p, q = np.triu_indices(b)  # r[p, q], p <= q at T[(j+1)b + p, jb + q]
     for j, r in enumerate(sub[: nb - 1]):
-        # T[(j+1)b + p, j b + q] = r[p, q], p <= q; lower-band offset b + p - q.
-        for p in range(b):
-            for_q = np.arange(p, b)
-            band[b + p - for_q, j * b + for_q] = r[p, for_q]
-    rank = min(rank, k)
-    if vectors:
-        lam, vec = scipy.linalg.eig_banded(
-            band, lower=True, select="i", select_range=(k - rank, k - 1)
-        )
-        return lam[::-1], vec[:, ::-1]
-    lam = scipy.linalg.eigvals_banded(band, lower=True, select="i", select_range=(k - rank, k - 1))
-    return lam[::-1], None
+        band[b + p - q, j * b + q] = r[p, q]
+    return band
+
+
+def _ritz_values(diag: list[np.ndarray], sub: list[np.ndarray], rank: int) -> np.ndarray:
+    """Top ``rank`` singular value estimates sqrt(eig(T)), descending (host)."""
+    band = _band(diag, sub)
+    k = band.shape[1]
+    lam = scipy.linalg.eigvals_banded(
+        band, lower=True, select="i", select_range=(k - min(rank, k), k - 1), check_finite=False
+    )
+    return np.sqrt(np.maximum(lam[::-1], 0.0))
+
+
+def _ritz_vectors(diag: list[np.ndarray], sub: list[np.ndarray], rank: int) -> np.ndarray:
+    """Top ``rank`` eigenvectors (k, rank) of T, by descending eigenvalue."""
+    band = _band(diag, sub)
+    k = band.shape[1]
+    _, vec = scipy.linalg.eig_banded(
+        band, lower=True, select="i", select_range=(k - rank, k - 1), check_finite=False
+    )
+    return vec[:, ::-1]
+
+
+def _converged(history: list[np.ndarray], tol: float) -> bool:
+    """Stopping rule on the Ritz singular values of successive Krylov blocks.
+
+    Ritz values grow monotonically towards the singular values. Stop when
+    none of the top ``rank`` moved by more than ``tol`` (relative) in each
+    of the last two blocks.
+    """
+    if len(history) < 3:
+        return False
+    cur, prev, prev2 = history[-1], history[-2], history[-3]
+    scale = np.maximum(cur, np.finfo(np.float64).tiny)
+    return bool(np.max((cur - prev) / scale) <= tol and np.max((prev - prev2) / scale) <= tol)
+
+
+def _plan(n: int, rank: int, oversample: int, n_iter: int | None, itemsize: int) -> tuple[int, int]:
+    """Krylov block width and maximum number of Lanczos steps."""
+    block = min(rank + oversample, n)
+    # The basis buffer holds steps + 1 blocks; keep (steps + 1) * block <= n and <= ~1 GiB.
+    by_dim = n // block - 1
+    by_mem = (1 << 30) // max(1, n * block * itemsize) - 1
+    cap = max(1, min(by_dim, by_mem))
+    if n_iter is not None:
+        return block, max(1, min(int(n_iter), cap))
+    return block, max(1, min(_MAX_BLOCKS, cap))
 
 
 def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
+    """Block Lanczos SVD; returns (U (R, rank), S (rank,), Vt (rank, V)), unsigned."""
     R, V = shape
-    transpose = V > R  # work on A = M (V <= R) or A = M.T, so that n <= m.
+    transpose = V > R  # A = M (V <= R) or M.T, so that A is (m, n) with n <= m
     m, n = (V, R) if transpose else (R, V)
     dtype = np.dtype(mat.csr.dtype if isinstance(mat, _Sparse) else mat.dtype)
-    block = min(rank + oversample, n)
-    max_blocks = max(1, n // block)
-    if n_iter is not None:
-        steps = max(1, min(int(n_iter), max_blocks))
-    else:
-        steps = min(_MAX_BLOCKS, max_blocks)
+    block, steps = _plan(n, rank, oversample, n_iter, dtype.itemsize)
     op = _sparse_op(mat, transpose) if isinstance(mat, _Sparse) else mat
     basis = _krylov_start(key, n=n, block=block, num_blocks=steps + 1, dtype=dtype)
+    kw = dict(transpose=transpose, m=m, n=n)
     diag: list[np.ndarray] = []
     sub: list[np.ndarray] = []
-    prev = None
-    for j in range(steps):
-        basis, a, r = _krylov_step(op, basis, jnp.int32(j), transpose=transpose, m=m, n=n)
-        diag.append(np.asarray(a, np.float64))
-        sub.append(np.asarray(r, np.float64))
-        if n_iter is None and j + 1 < steps:
-            lam, _ = _ritz(diag, sub, rank, vectors=False)
-            sig = np.sqrt(np.maximum(lam, 0.0))
-            if prev is not None and len(prev) == len(sig):
-                change = np.max((sig - prev) / np.maximum(sig, np.finfo(np.float32).tiny))
-                if change < tol:
-                    break
-            prev = sig
-    nb = len(diag)
-    _, vec = _ritz(diag, sub, rank, vectors=True)
-    w = np.zeros(((steps + 1) * block, rank), dtype)
-    w[: nb * block] = vec
-    x, y, s = _krylov_finish(op, basis, jnp.asarray(w), transpose=transpose, m=m, n=n)
-    if transpose:  # M = A.T = y s x^T
+    if n_iter is not None:
+        blocks = []
+        for j in range(steps):
+            basis, a, r = _krylov_step(op, basis, jnp.int32(j), **kw)
+            blocks.append((a, r))
+        diag = [np.asarray(a, np.float64) for a, _ in blocks]
+        sub = [np.asarray(r, np.float64) for _, r in blocks]
+    else:
+        # Pipelined: step j+1 runs on the device while the host computes the
+        # Ritz values of step j; the stopping test on step j then keeps the
+        # (already computed) step j+1 as a free extra block.
+        history: list[np.ndarray] = []
+        basis, a, r = _krylov_step(op, basis, jnp.int32(0), **kw)
+        for j in range(steps):
+            nxt = None
+            if j + 1 < steps:
+                basis, a1, r1 = _krylov_step(op, basis, jnp.int32(j + 1), **kw)
+                nxt = (a1, r1)
+            diag.append(np.asarray(a, np.float64))
+            sub.append(np.asarray(r, np.float64))
+            if nxt is None:
+                break
+            history.append(_ritz_values(diag, sub, rank))
+            a, r = nxt
+            if _converged(history, tol):
+                diag.append(np.asarray(a, np.float64))
+                sub.append(np.asarray(r, np.float64))
+                break
+    used = len(diag)
+    vec = _ritz_vectors(diag, sub, rank)
+    w = np.zeros((steps + 1, block, rank), dtype)
+    w[:used] = vec.reshape(used, block, rank)
+    x, y, s = _krylov_finish(op, basis, jnp.asarray(w), jnp.int32(used), **kw)
+    if transpose:  # M = A^T = x s y^T
         return x, s, y.T
     return y, s, x.T
 

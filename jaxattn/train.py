@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,13 +212,20 @@ class TrainStep:
 
     def __init__(self, fn: Callable[..., Any], max_traces: int | None):
         self.traces = 0
+        self.max_traces = max_traces
 
         def counted(*args: Any) -> Any:
-            self.traces += 1  # Python side effect: runs once per trace, never per call
+            # Python side effect: runs once per trace, never per call. (A per-instance counter:
+            # chex.assert_max_traces keys on the function's code, shared by every TrainStep.)
+            self.traces += 1
+            if self.max_traces is not None and self.traces > self.max_traces:
+                raise JaxattnError(
+                    f"the option 4 train step was traced {self.traces} times (max_traces={self.max_traces}); "
+                    "batch shapes or dtypes changed between steps"
+                )
             return fn(*args)
 
-        guarded = chex.assert_max_traces(counted, n=max_traces) if max_traces is not None else counted
-        self.jitted = jax.jit(guarded, donate_argnums=(0, 1))
+        self.jitted = jax.jit(counted, donate_argnums=(0, 1))
 
     def __call__(self, params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, jax.Array]:
         return self.jitted(params, opt_state, batch)
@@ -267,7 +273,7 @@ def make_train_step(
         train_cfg: training settings (objective closed over).
         optimizer: from :func:`make_optimizer`.
         qk_inputs_fn: optional ``(params, tokens [B, T]) -> (q_in, k_in)`` each [B, L, T, D].
-        max_traces: fail (``chex.assert_max_traces``) if traced more often; None: no guard.
+        max_traces: raise :class:`JaxattnError` if traced more often than this; None: no guard.
 
     Returns:
         :class:`TrainStep`: ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
@@ -275,22 +281,36 @@ def make_train_step(
     return TrainStep(_step_fn(config, train_cfg, optimizer, qk_inputs_fn), max_traces)
 
 
+def sample_training_tokens(prep: Prepared, train_cfg: TrainConfig, key: jax.Array) -> np.ndarray:
+    """Every step's training sequences, drawn from the COUNT corpus (never the evaluation corpus).
+
+    One :func:`~jaxattn.alignment.sample_sequences` call for all steps: its document scan is
+    over the whole corpus, so it is done once rather than per step.
+
+    Returns:
+        int32 [steps, B, T].
+    """
+    S, B, T = train_cfg.steps, train_cfg.batch_size, train_cfg.seq_len
+    tokens = sample_sequences(prep.corpus.tokens, prep.corpus.doc_ids, T, S * B, key)
+    return tokens.reshape(S, B, T)
+
+
 def make_batch(
-    prep: Prepared, train_cfg: TrainConfig, key: jax.Array, pairs: list[tuple[int, int]] | None = None
+    prep: Prepared, tokens: np.ndarray, objective: str = "kl", pairs: list[tuple[int, int]] | None = None
 ) -> Batch:
-    """Samples training sequences from the COUNT corpus and builds their expected attention on the host.
+    """A training batch with its expected attention built on the host from the count tables.
 
     Args:
-        prep: the prepared run (``prep.corpus`` and ``prep.tables`` are used; never the eval corpus).
-        train_cfg: batch size, sequence length and objective.
-        key: PRNG key of the sequence starts.
+        prep: the prepared run (``prep.tables`` give the expected attention).
+        tokens: int [B, T] count-corpus sequences (from :func:`sample_training_tokens`).
+        objective: "kl" builds expected/mask; "ce" needs only the tokens.
         pairs: the layout's (n, s) pairs (default: from ``prep.config``).
 
     Returns:
         :class:`Batch` of numpy arrays.
     """
-    tokens = sample_sequences(prep.corpus.tokens, prep.corpus.doc_ids, train_cfg.seq_len, train_cfg.batch_size, key)
-    if train_cfg.objective == "ce":
+    tokens = np.asarray(tokens, np.int32)
+    if objective == "ce":
         return Batch(tokens)
     expected, mask = expected_for_layout(prep.tables, tokens, pairs or layout_pairs(prep.config)[0])
     return Batch(tokens, expected, mask)
@@ -464,7 +484,8 @@ def train_embeddings(
         record_eval(0, work)
     host_s = train_s = first_s = 0.0
     t0 = time.perf_counter()
-    batch = make_batch(prep, train_cfg, jax.random.fold_in(key, 0), pairs)
+    train_tokens = sample_training_tokens(prep, train_cfg, key)
+    batch = make_batch(prep, train_tokens[0], train_cfg.objective, pairs)
     host_s += time.perf_counter() - t0
     seg = time.perf_counter()
     for i in progress_iter(range(train_cfg.steps), desc="option 4: training E", enabled=progress, total=train_cfg.steps):
@@ -472,7 +493,7 @@ def train_embeddings(
         if i + 1 < train_cfg.steps:
             # Build the next batch on the host while the step runs.
             t0 = time.perf_counter()
-            batch = make_batch(prep, train_cfg, jax.random.fold_in(key, i + 1), pairs)
+            batch = make_batch(prep, train_tokens[i + 1], train_cfg.objective, pairs)
             host_s += time.perf_counter() - t0
         loss_f = float(loss)  # waits for the step: at most one step in flight keeps the bar honest
         now = time.perf_counter()

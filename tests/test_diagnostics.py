@@ -81,7 +81,7 @@ def test_gram_of_orthonormal_rows_and_zero_rows():
 def test_ngram_embeddings_rank_is_at_most_the_number_of_last_tokens(run):
     prep, base, diag = run
     cm = prep.tables[(2, 0)]
-    e2 = np.asarray(ngram_embeddings(base.params["embed"], cm.contexts, prep.tables[(1, 0)]), np.float64)
+    e2 = np.asarray(ngram_embeddings(base.params["embed"], cm.contexts, prep.tables[(1, 0)]))  # float32
     rk = diagnostics.ngram_rank(e2, cm.contexts)
     assert rk["num_ngrams"] == cm.num_contexts > V
     assert rk["numerical_rank"] == np.linalg.matrix_rank(e2) <= rk["distinct_last_tokens"] <= V
@@ -224,7 +224,7 @@ def test_needed_logit_range_matches_expected(run):
 
 def test_residual_trace_matches_forward_query_inputs(run):
     prep, base, _ = run
-    tok = jnp.asarray(prep.tokens[:3])
+    tok = jnp.asarray(prep.tokens[:4])  # the batch size the fixture already compiled
     xs, _, _ = diagnostics.residual_trace(base.params, tok, prep.config)
     ref = forward_batch(base.params, tok, prep.config, return_inputs=True).query_inputs
     for l in range(prep.config.num_layers):
@@ -276,6 +276,7 @@ def test_log_probability_scores_reproduce_expected_attention(run):
         assert row["log_probability"]["cosine"] > 0.9999
         assert row["log_probability"]["argmax_match_tied"] == 1.0
         assert row["log_probability"]["kl"] < 1e-4
+        assert row["log_probability"]["best_beta"] == pytest.approx(1.0, rel=1e-6)
         assert 0 < row["manifold"]["cosine"] <= row["log_probability"]["cosine"]
         assert len(row["manifold"]["curve"]["beta"]) == len(diagnostics.BETA_GRID)
 

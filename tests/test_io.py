@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors
@@ -15,7 +15,6 @@ from jaxattn import io
 from jaxattn.corpus import Tokenizer, corpus_from_ids
 from jaxattn.counts import CountMatrix
 from jaxattn.errors import JaxattnError
-from jaxattn.model import init_mlp
 from jaxattn.report import atomic_open
 from tests.conftest import markov_corpus
 
@@ -70,17 +69,11 @@ def test_int64_counts_keep_their_dtype(tmp_path):
 def test_params_and_embeddings_round_trip_exactly(tables, tmp_path):
     tabs, _, _ = tables
     cfg = jaxattn.ModelConfig(vocab_size=V, d_model=16, d_head=4, num_layers=2, num_heads=3, max_n=2, max_s=2)
-    # Random weights of the derived layout (deriving would only cost time here).
-    ks = jax.random.split(jax.random.PRNGKey(3), 6)
-    L, H, D, K = 2, 3, 16, 4
-    params = {
-        "embed": jaxattn.base_embeddings(ks[0], V, D),
-        "wq": jax.random.normal(ks[1], (L, H, D, K)),
-        "wk": jax.random.normal(ks[2], (L, H, D, K)),
-        "wv": jax.random.normal(ks[3], (L, H, D, K)),
-        "wo": jax.random.normal(ks[4], (L, H, K, D)),
-        **init_mlp(ks[5], cfg),
-    }
+    # Random float32 weights in the model's layout (deriving or jax ops would only cost compile time).
+    rng = np.random.default_rng(3)
+    shapes = {"embed": (V, 16), "wq": (2, 3, 16, 4), "wk": (2, 3, 16, 4), "wv": (2, 3, 16, 4), "wo": (2, 3, 4, 16)}
+    shapes |= {"w1": (2, 16, 64), "b1": (2, 64), "w2": (2, 64, 16), "b2": (2, 16), "lnf_scale": (16,)}
+    params = {k: jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for k, s in shapes.items()}
     io.save_params(tmp_path, params, cfg, info={"option": "baseline"})
     back, cfg2 = io.load_params(tmp_path)
     assert cfg2 == cfg
