@@ -91,7 +91,7 @@ def _save_artefact(
     from safetensors.numpy import save as st_save
 
     from jaxattn import __version__
-    from jaxattn.report import atomic_open, ensure_out_dir
+    from jaxattn.report import _jsonable, atomic_open, ensure_out_dir
 
     out = ensure_out_dir(directory)
     arr_path, json_path = _paths(out, kind)
@@ -110,11 +110,14 @@ def _save_artefact(
         "arrays": {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in host.items()},
         **sidecar,
     }
+    try:  # before touching the disk: numpy scalars become numbers, non-finite floats null
+        text = json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise JaxattnError(f"cannot save {kind}: the metadata is not JSON-able ({e})") from None
     with atomic_open(arr_path, "wb") as f:
         f.write(blob)
     with atomic_open(json_path, "w") as f:  # last: its presence marks a complete artefact
-        json.dump(doc, f, indent=1, allow_nan=False)
-        f.write("\n")
+        f.write(text)
     return out
 
 
@@ -357,7 +360,8 @@ def _check_table(cm: CountMatrix, what: str) -> None:
     entry = r.astype(np.int64) * V + k
     if Z > 1 and not np.all(entry[1:] > entry[:-1]):
         raise JaxattnError(f"{what}: entries are not sorted by row, then column, or repeat")
-    if Z and np.unique(r).shape[0] != R:
+    # rows are non-decreasing (checked above): every context has a count iff they step by 0 or 1 from 0 to R-1.
+    if (Z == 0) != (R == 0) or (Z and (r[0] != 0 or r[-1] != R - 1 or np.diff(r).max(initial=0) > 1)):
         raise JaxattnError(f"{what}: a context has no counts")
     if int(v.sum(dtype=np.int64)) != int(cm.num_windows):
         raise JaxattnError(f"{what}: counts sum to {int(v.sum(dtype=np.int64))}, not num_windows={cm.num_windows}")

@@ -243,19 +243,56 @@ def ppmi_embeddings(prep: Prepared, cfg: PPMIConfig = PPMIConfig(), *, key: jax.
     return E, info
 
 
+def layer0_circuit_error(prep: Prepared, params: Params) -> dict[str, float]:
+    """How far layer 0's Q/K circuit is from the rank-K manifold the seed derivation targets.
+
+    The circuit is ``C = (LN(E) W_Q)(LN(E) W_K)^T`` over token pairs (what layer 0 computes
+    before the 1/sqrt(K) and the softmax); the target is ``M_K``, the rank-K truncation of
+    ``M^{1,s}``. The error is ``min_c ||c C - M_K|| / ||M_K||`` (the best overall scale, since
+    the std rescaling sets the scale separately): 0 when the seed's transposes act as
+    pseudo-inverses, i.e. when ``E E^T`` is close to the identity.
+
+    Returns:
+        ``{"1,s": relative error}`` for each distinct table of layer 0.
+    """
+    cfg = prep.config
+    x = np.asarray(_stream_rows(params["embed"], cfg), np.float64)
+    out: dict[str, float] = {}
+    for h in range(cfg.num_heads):
+        n, s = cfg.layout(0, h)
+        if n != 1 or f"1,{s}" in out:
+            continue
+        cm = prep.tables[(1, s)]
+        M = np.asarray(manifold_matrix(cm), np.float64)
+        U, S, Vt = np.linalg.svd(M, full_matrices=False)
+        K = min(cfg.d_head, S.size)
+        MK = (U[:, :K] * S[:K]) @ Vt[:K]
+        q = x[cm.contexts[:, 0]] @ np.asarray(params["wq"][0, h], np.float64)
+        k = x @ np.asarray(params["wk"][0, h], np.float64)
+        C = q @ k.T
+        c = float((C * MK).sum() / max(float((C * C).sum()), 1e-300))
+        out[f"1,{s}"] = float(np.linalg.norm(c * C - MK) / max(float(np.linalg.norm(MK)), 1e-300))
+    return out
+
+
 def run_option1(prep: Prepared, *, progress: bool = True, ppmi: PPMIConfig = PPMIConfig()) -> AnalysisResult:
     """Option 1: PPMI embeddings, then the unchanged seed derivation and model.
 
     The MLP, SVD keys and everything else are those of the baseline (same ``derive`` key).
+    ``extra["layer0_circuit_error"]`` compares how well layer 0 realises the seed's target
+    with these embeddings and with the seed's random ones (:func:`layer0_circuit_error`).
     """
     from jaxattn.derive import derive_params
 
     with prep.timer.stage("derive"):
         E, info = ppmi_embeddings(prep, ppmi, key=prep.key("option1"))
         params = derive_params(prep.tables, prep.config, key=prep.key("derive"), embed=E)
+        seed_params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
         jax.block_until_ready(params)
+    errors = {"ppmi": layer0_circuit_error(prep, params), "random": layer0_circuit_error(prep, seed_params)}
     attn = batched_attention(prep, params, progress=progress, desc="option1")
-    return AnalysisResult("option1", evaluate(prep, attn, "option1"), attn, params, {"ppmi": info})
+    extra = {"ppmi": info, "layer0_circuit_error": errors}
+    return AnalysisResult("option1", evaluate(prep, attn, "option1"), attn, params, extra)
 
 
 # --------------------------------------------------------------------------- #

@@ -198,7 +198,11 @@ def prepare(
     """
     timer = timer or Timer()
     config = preset(run.preset, corpus.vocab_size, tokenizer=run.tokenizer, **dict(run.model_overrides))
-    check_run_memory(config, run)  # refuse before counting, not after minutes of work
+    # Refuse before counting, not after minutes of work: sequences that cannot be drawn, arrays too big.
+    longest = int(np.bincount(eval_corpus.doc_ids).max()) if eval_corpus.num_tokens else 0
+    if int(run.seq_len) > longest:
+        raise JaxattnError(f"seq_len={run.seq_len} is longer than every document (the longest has {longest} tokens)")
+    check_run_memory(config, run)
     with timer.stage("count"):
         if tables is None:
             tables = count_tables(

@@ -53,6 +53,13 @@ AUTO_EXACT_MAX_ELEMENTS = 1 << 24
 DEFAULT_OVERSAMPLE = 8
 # Upper bound on the number of Krylov blocks when ``n_iter`` is None.
 _MAX_BLOCKS = 40
+# Second reorthogonalisation pass when a column keeps less than this of its norm.
+_REORTH_RATIO = 1e-2
+# Singular values below this fraction of the largest count as zero (their
+# big-side vectors are then completed by QR).
+_TINY_SIGMA = 1e-3
+# Diagnostics of the last call (for benchmarks and tests; not part of the API).
+_LAST_INFO: dict[str, Any] = {}
 # Candidate chunk widths for the sparse tables.
 _ELL_WIDTHS = (1, 2, 4, 8, 16, 32)
 # Cost, in gathered elements, of one chunk's output row (write and scatter).
@@ -379,11 +386,15 @@ def _krylov_step(op, basis: jax.Array, j: jax.Array, *, transpose: bool, m: int,
         upper triangular, its block (j+1, j).
     """
     q = basis[j]
-    z = _apply_t(op, _apply(op, q, transpose, m, n), transpose, m, n)
-    a = q.T @ z
+    z0 = _apply_t(op, _apply(op, q, transpose, m, n), transpose, m, n)
+    a = q.T @ z0
     a = 0.5 * (a + a.T)
-    z = z - q @ a
-    z = _orthogonalize_against(z, basis, j)
+    z = _orthogonalize_against(z0 - q @ a, basis, j)
+    # "Twice is enough": when a column lost most of its norm, one pass leaves
+    # rounding-level components along the basis that are large relative to
+    # what remains; a second pass removes them.
+    shrunk = jnp.any(jnp.linalg.norm(z, axis=0) <= _REORTH_RATIO * jnp.linalg.norm(z0, axis=0))
+    z = jax.lax.cond(shrunk, lambda z: _orthogonalize_against(z, basis, j), lambda z: z, z)
     qn, r = _next_block(z, basis, j)
     return basis.at[j + 1].set(qn), a, r
 
@@ -413,6 +424,17 @@ def _krylov_finish(op, basis: jax.Array, w: jax.Array, used: jax.Array, *, trans
     order = jnp.argsort(-s)
     s, x, y = s[order], x[:, order], y[:, order]
     y = y / jnp.where(s > 0, s, 1)[None, :]
+
+    def complete(y):
+        # Numerically zero singular values leave y columns that are rounding
+        # noise: replace them by an orthonormal completion (QR keeps the
+        # other, already orthonormal columns up to rounding and sign).
+        qy, ry = jnp.linalg.qr(y)
+        sgn = jnp.where(jnp.diagonal(ry) < 0, -1, 1).astype(y.dtype)
+        return qy * sgn[None, :]
+
+    tiny = s[-1] <= _TINY_SIGMA * s[0]
+    y = jax.lax.cond(tiny, complete, lambda y: y, y)
     return x, y, s
 
 
@@ -518,6 +540,16 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
                 sub.append(np.asarray(r, np.float64))
                 break
     used = len(diag)
+    _LAST_INFO.clear()
+    _LAST_INFO.update(
+        method="randomized",
+        block=block,
+        blocks_used=used,
+        max_blocks=steps,
+        small_side="rows" if transpose else "cols",
+    )
+    if isinstance(op, _SparseOp):
+        _LAST_INFO.update(ell_widths=(op.fwd.idx.shape[1], op.adj.idx.shape[1]))
     vec = _ritz_vectors(diag, sub, rank)
     w = np.zeros((steps + 1, block, rank), dtype)
     w[:used] = vec.reshape(used, block, rank)
@@ -606,6 +638,8 @@ def truncated_svd(
     if method == "exact":
         if isinstance(mat, _Sparse):
             mat = jnp.asarray(mat.csr.toarray())
+        _LAST_INFO.clear()
+        _LAST_INFO.update(method="exact")
         return _exact_svd(mat, rank=rank)
     if key is None:
         key = jax.random.PRNGKey(0)

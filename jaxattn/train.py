@@ -39,6 +39,7 @@ from jaxattn.pipeline import AnalysisResult, Prepared, baseline_params, batched_
 from jaxattn.progress import progress_iter
 
 OBJECTIVES = ("kl", "ce")
+BALANCES = ("tables", "queries")
 #: Leaves a derivation may add for trainable n-gram query embeddings (trained when ``train_ngram``).
 NGRAM_PREFIX = "ngram"
 TRAIN, FREEZE = "train", "freeze"
@@ -65,6 +66,11 @@ class TrainConfig:
         warmup_steps: linear warm-up steps of the learning rate.
         lr_final_frac: final learning rate as a fraction of the peak.
         grad_clip: global-norm gradient clipping (None: off).
+        balance: how the "kl" objective weights heads. "queries": every valid query of every
+            layer and head counts once (a plain pool). "tables": every distinct (n, s) table
+            counts once, split evenly over the heads that use it; the layout repeats the same
+            n=2 heads in layers 1..L-1, so a plain pool lets those copies outvote layer 0
+            (11:1 in the seed preset) and E is bent towards them at layer 0's expense.
     """
 
     steps: int = 150
@@ -78,6 +84,7 @@ class TrainConfig:
     warmup_steps: int = 10
     lr_final_frac: float = 0.1
     grad_clip: float | None = 1.0
+    balance: str = "tables"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every"):
@@ -91,6 +98,8 @@ class TrainConfig:
             raise JaxattnError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.lr_final_frac <= 1.0:
             raise JaxattnError(f"lr_final_frac={self.lr_final_frac} must be in [0, 1]")
+        if self.balance not in BALANCES:
+            raise JaxattnError(f"balance={self.balance!r}; choose one of {list(BALANCES)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise JaxattnError(f"grad_clip={self.grad_clip} must be > 0 or None")
 
@@ -151,14 +160,34 @@ def make_optimizer(train_cfg: TrainConfig, params: Params) -> optax.GradientTran
     return optax.multi_transform({TRAIN: adam, FREEZE: optax.set_to_zero()}, trainable_labels(params, train_cfg.train_ngram))
 
 
+def head_weights(pair_index: np.ndarray, balance: str = "tables") -> np.ndarray:
+    """Per-head weights of the "kl" objective.
+
+    Args:
+        pair_index: int [L, H], each head's (n, s) table.
+        balance: "queries" (all ones) or "tables" (1 / number of heads sharing the head's table).
+
+    Returns:
+        float32 [L, H].
+    """
+    pair_index = np.asarray(pair_index)
+    if balance == "queries":
+        return np.ones(pair_index.shape, np.float32)
+    if balance != "tables":
+        raise JaxattnError(f"balance={balance!r}; choose one of {list(BALANCES)}")
+    uses = np.bincount(pair_index.reshape(-1))
+    return (1.0 / uses[pair_index]).astype(np.float32)
+
+
 def kl_loss(
     params: Params,
     batch: Batch,
     config: ModelConfig,
     pair_index: np.ndarray,
     qk_inputs_fn: QKInputsFn | None = None,
+    weights: np.ndarray | None = None,
 ) -> jax.Array:
-    """KL(expected || actual) pooled over every layer, head and valid query of the batch.
+    """KL(expected || actual) averaged over the valid queries of every layer, head and sequence.
 
     Args:
         params: model parameters.
@@ -166,9 +195,10 @@ def kl_loss(
         config: static model config.
         pair_index: int [L, H] (static) index of each head's (n, s) into P.
         qk_inputs_fn: optional n-gram-aware query/key inputs as a function of ``params``.
+        weights: optional float [L, H] head weights (:func:`head_weights`); None: all ones.
 
     Returns:
-        float32 scalar.
+        float32 scalar: ``sum w_lh KL_lhbi / sum w_lh [valid_lhbi]``.
     """
     kw = {"qk_inputs": qk_inputs_fn(params, batch.tokens)} if qk_inputs_fn is not None else {}
     attn = forward_batch(params, batch.tokens, config, **kw).attn  # [B, L, H, T, T]
@@ -180,8 +210,10 @@ def kl_loss(
     act = jnp.moveaxis(attn, 0, 2).reshape(L * H * B, T, T)
     # The metric kernel's own KL (ε=1e-10 in the logs); unused outputs are dead code under jit.
     q = jax.vmap(query_metrics)(exp, act, msk)
-    n_valid = jnp.sum(q["valid"])
-    return jnp.sum(q["kl"]) / jnp.maximum(n_valid, 1).astype(jnp.float32)
+    w = np.ones(L * H, np.float32) if weights is None else np.asarray(weights, np.float32).reshape(-1)
+    w = jnp.asarray(np.repeat(w, B))[:, None]  # [L*H*B, 1], same order as the flattening above
+    denom = jnp.sum(w * q["valid"])
+    return jnp.sum(w * q["kl"]) / jnp.where(denom > 0, denom, 1.0)
 
 
 def ce_loss(
@@ -243,10 +275,11 @@ def _step_fn(
 ) -> Callable[[Params, Any, Batch], tuple[Params, Any, jax.Array]]:
     """The un-jitted step (also the op-by-op peer of the benchmark)."""
     _, pair_index = layout_pairs(config)
+    weights = head_weights(pair_index, train_cfg.balance)
 
     def loss_fn(params: Params, batch: Batch) -> jax.Array:
         if train_cfg.objective == "kl":
-            return kl_loss(params, batch, config, pair_index, qk_inputs_fn)
+            return kl_loss(params, batch, config, pair_index, qk_inputs_fn, weights)
         return ce_loss(params, batch, config, qk_inputs_fn)
 
     def step(params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, jax.Array]:
@@ -434,6 +467,7 @@ def train_embeddings(
     progress: bool = True,
     qk_inputs_fn: QKInputsFn | None = None,
     evaluate_heldout: bool = True,
+    before_records: list[dict[str, Any]] | None = None,
 ) -> tuple[Params, dict[str, Any]]:
     """Trains E (and n-gram leaves if asked) with every other weight frozen.
 
@@ -448,6 +482,7 @@ def train_embeddings(
         progress: show a progress bar.
         qk_inputs_fn: optional ``(params, tokens) -> (q_in, k_in)``, each [B, L, T, D].
         evaluate_heldout: record the held-out alignment every ``eval_every`` steps.
+        before_records: held-out records of ``params`` if already computed (the step-0 point).
 
     Returns:
         (trained params, curves) where curves holds ``step``, ``loss`` [steps], ``step_time_s``,
@@ -474,14 +509,15 @@ def train_embeddings(
         "eval_entropy": [],
     }
 
-    def record_eval(at: int, p: Params) -> None:
-        recs, _ = heldout_alignment(prep, p, qk_inputs_fn=qk_inputs_fn)
+    def record_eval(at: int, p: Params | None, recs: list[dict[str, Any]] | None = None) -> None:
+        if recs is None:
+            recs, _ = heldout_alignment(prep, p, qk_inputs_fn=qk_inputs_fn)
         curves["eval_step"].append(at)
         for name in ("cosine", "argmax_match_tied", "kl", "entropy"):
             curves[f"eval_{name}"].append(_layer_means(recs, name))
 
     if evaluate_heldout:
-        record_eval(0, work)
+        record_eval(0, work, before_records)
     host_s = train_s = first_s = 0.0
     t0 = time.perf_counter()
     train_tokens = sample_training_tokens(prep, train_cfg, key)
@@ -567,7 +603,7 @@ def run_option4(
     key = jax.random.fold_in(prep.key("option4"), train_cfg.seed)
     with prep.timer.stage("train"):
         trained, curves = train_embeddings(
-            prep, params, train_cfg, key=key, progress=progress, qk_inputs_fn=qk_inputs_fn
+            prep, params, train_cfg, key=key, progress=progress, qk_inputs_fn=qk_inputs_fn, before_records=before_records
         )
     records, attn = heldout_alignment(prep, trained, qk_inputs_fn=qk_inputs_fn, progress=progress)
     before = [dict(r, option="before") for r in layer_summary(before_records)]

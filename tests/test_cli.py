@@ -118,8 +118,8 @@ CASES = [
     ),
     (
         "dense size over the default budget",
-        ["--preset", "seed", "--layers", "12", "--heads", "12", "--seq-len", "100000", "--num-seqs", "32"],
-        "dense attention of shape (32, 12, 12, 100000, 100000) needs 167.6 TiB, over the memory budget of 4.0 GiB "
+        ["--preset", "seed", "--layers", "12", "--heads", "12", "--seq-len", "40", "--num-seqs", "10000000"],
+        "dense attention of shape (10000000, 12, 12, 40, 40) needs 8.4 TiB, over the memory budget of 4.0 GiB "
         "(raise it with --max-dense-bytes or JAXATTN_MAX_DENSE_BYTES, or use the sparse form)",
     ),
     (

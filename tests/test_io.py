@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -11,11 +12,10 @@ import pytest
 import safetensors
 
 import jaxattn
-from jaxattn import io
+from jaxattn import io, report
 from jaxattn.corpus import Tokenizer, corpus_from_ids
 from jaxattn.counts import CountMatrix
 from jaxattn.errors import JaxattnError
-from jaxattn.report import atomic_open
 from tests.conftest import markov_corpus
 
 V = 9
@@ -164,17 +164,17 @@ def test_tables_that_break_countmatrix_invariants_are_refused(tmp_path):
 def test_atomic_open_leaves_no_partial_file(tmp_path):
     target = tmp_path / "metrics.json"
     with pytest.raises(KeyboardInterrupt):
-        with atomic_open(target) as f:
+        with report.atomic_open(target) as f:
             f.write('{"results": [')
             raise KeyboardInterrupt  # Ctrl-C half way through
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
     target.write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic_open(target) as f:
+        with report.atomic_open(target) as f:
             f.write("new, half")
             raise RuntimeError("disk full")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
-    with atomic_open(target) as f:
+    with report.atomic_open(target) as f:
         f.write("new")
     assert target.read_text() == "new"
 
@@ -182,24 +182,64 @@ def test_atomic_open_leaves_no_partial_file(tmp_path):
 def test_interrupted_save_is_detected_not_half_loaded(tables, tmp_path, monkeypatch):
     tabs, _, _ = tables
     io.save_tables(tmp_path, {(1, 0): tabs[(1, 0)]})
-    real_dump = json.dump
+    real_open = report.atomic_open
 
-    def interrupted(*a, **k):  # Ctrl-C while the sidecar (written last) is being written
-        raise KeyboardInterrupt
+    @contextlib.contextmanager
+    def interrupted(path, mode="w"):  # Ctrl-C half way through the sidecar, which is written last
+        with real_open(path, mode) as f:
+            if str(path).endswith(".json"):
+                f.write('{"format": "jaxattn.tables", ')
+                raise KeyboardInterrupt
+            yield f
 
-    monkeypatch.setattr(json, "dump", interrupted)
+    monkeypatch.setattr(report, "atomic_open", interrupted)
     with pytest.raises(KeyboardInterrupt):
         io.save_tables(tmp_path, tabs)
-    monkeypatch.setattr(json, "dump", real_dump)
+    monkeypatch.setattr(report, "atomic_open", real_open)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     # The new arrays landed but the old sidecar stayed: the hash check refuses the mix.
     with pytest.raises(JaxattnError, match="does not match the sha256"):
         io.load_tables(tmp_path)
     # A first save interrupted the same way leaves no sidecar: "nothing saved", not garbage.
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(json, "dump", interrupted)
+    monkeypatch.setattr(report, "atomic_open", interrupted)
     with pytest.raises(KeyboardInterrupt):
         io.save_tables(fresh, tabs)
-    monkeypatch.setattr(json, "dump", real_dump)
+    monkeypatch.setattr(report, "atomic_open", real_open)
+    assert sorted(p.name for p in fresh.iterdir()) == ["tables.safetensors"]
     with pytest.raises(JaxattnError, match="missing tables.json"):
         io.load_tables(fresh)
+
+
+def test_cli_save_writes_option4_trained_embeddings(tables, tmp_path):
+    """``jaxattn analyze --option 4 --save DIR``: tables, the trained weights and the trained E."""
+    from types import SimpleNamespace
+
+    from jaxattn import cli
+    from jaxattn.pipeline import RunConfig
+
+    tabs, tokens, docs = tables
+    corpus = corpus_from_ids(tokens, docs, V)
+    cfg = jaxattn.ModelConfig(vocab_size=V, d_model=4, d_head=2, num_layers=1, num_heads=1)
+    embed = jnp.asarray(np.random.default_rng(0).standard_normal((V, 4), dtype=np.float32))
+    prep = SimpleNamespace(tables=tabs, corpus=corpus, run=RunConfig(preset="small"), config=cfg)
+    result = SimpleNamespace(option="option4", params={"embed": embed}, extra={"train_config": {"steps": 5}})
+    saved = cli.save_artefacts(str(tmp_path), prep, result)
+    assert saved == {"dir": str(tmp_path), "kinds": ["tables", "params", "embeddings"]}
+    assert np.asarray(io.load_embeddings(tmp_path)["embed"]).tobytes() == np.asarray(embed).tobytes()
+    info = io.artefact_info(tmp_path, "embeddings")
+    assert info["config"] == cfg.to_dict() and info["info"]["train_config"] == {"steps": 5}
+    assert info["info"]["corpus_sha256"] == corpus.sha256
+    assert sorted(io.load_tables(tmp_path, corpus=corpus)) == sorted(tabs)
+
+
+def test_metadata_is_checked_before_anything_is_written(tmp_path):
+    cfg = jaxattn.ModelConfig(vocab_size=3, d_model=4, d_head=2)
+    io.save_embeddings(
+        tmp_path, np.eye(3, 4, dtype=np.float32), config=cfg, info={"loss": np.float32(0.5), "x": float("nan")}
+    )
+    assert io.artefact_info(tmp_path, "embeddings")["info"] == {"loss": 0.5, "x": None}
+    bad = tmp_path / "bad"
+    with pytest.raises(JaxattnError, match="metadata is not JSON-able"):
+        io.save_embeddings(bad, np.eye(3, dtype=np.float32), info={"f": object()})
+    assert not bad.exists() or list(bad.iterdir()) == []
