@@ -1,35 +1,37 @@
-"""Option 4 training speed: steps per second of the jitted embedding-training step.
+"""Option 4 training speed: steps per second of the jitted embedding-training step (KL objective).
 
-For the "small" and "seed" preset sizes it times, in one process on the same batches:
+For the "small" and "seed" preset sizes (the seed: d_model 768, 12 layers x 12 heads, d_head 64),
+on count tables and derived weights of the same corpus (default: the built-in stdlib docstrings),
+in one process on the same host-built batches:
 
-* ``jit``: the step from :func:`jaxattn.train.make_train_step` (compiled once; compile time is the
-  first call minus the steady-state median, reported separately; the trace count is checked);
-* ``eager``: the same step function run op by op under ``jax.disable_jit()`` (the peer), after
-  one warm-up call that fills the per-primitive cache;
-* ``host batch``: building one batch's expected attention from the count tables on the host.
+* ``jit`` — ours: :func:`jaxattn.train.make_train_step`, compiled once (the trace count is
+  checked and reported); ``compile_s`` = first call - warm median, reported separately;
+* ``eager`` — the peer: the very same step function run op by op under ``jax.disable_jit()``
+  (after one warm-up call that fills the per-primitive cache); ``--quick`` runs it for the
+  small preset only, since its warm-up at the seed size alone takes minutes on 2 cores;
+* ``host batch`` — building one batch's expected attention from the count tables with numpy
+  (the training loop overlaps it with the device step).
 
-Run ``python benchmarks/bench_train.py [--quick] [--out DIR] [--device cpu|gpu|tpu]``; it prints a
-table and writes ``DIR/train.json``.
+The FLOP column is analytic: 3x the forward matmul FLOPs (forward + input-gradient backward;
+the frozen weights get no gradient, which XLA drops). ``% matmul`` compares the achieved rate
+with a plain float32 matmul on the same device.
+
+Run: ``python benchmarks/bench_train.py [--quick] [--device cpu|gpu|tpu] [--out DIR]``; prints a
+table and writes ``DIR/train.json`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
+from common import add_common_args, device_matmul_flops, fmt_s, print_table, setup, time_call, write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jaxattn import pipeline, report  # noqa: E402
-from jaxattn.train import (  # noqa: E402
+from jaxattn import pipeline
+from jaxattn.model import ModelConfig
+from jaxattn.train import (
     TrainConfig,
     _step_fn,
     layout_pairs,
@@ -40,57 +42,14 @@ from jaxattn.train import (  # noqa: E402
 )
 
 
-def _block(x: Any) -> Any:
-    return jax.block_until_ready(x)
-
-
-def time_jit(prep: pipeline.Prepared, params: Any, cfg: TrainConfig, batches: list[Any], repeats: int) -> dict[str, Any]:
-    """First call (trace + compile + run), then ``repeats`` timed steady-state steps."""
-    optimizer = make_optimizer(cfg, params)
-    step = make_train_step(prep.config, cfg, optimizer)
-    p = jax.tree.map(jax.numpy.copy, params)
-    state = optimizer.init(p)
-    t0 = time.perf_counter()
-    p, state, loss = step(p, state, batches[0])
-    _block(loss)
-    first = time.perf_counter() - t0
-    times = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        p, state, loss = step(p, state, batches[(r + 1) % len(batches)])
-        _block(loss)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {
-        "impl": "jit",
-        "first_call_s": first,
-        "compile_s": max(first - med, 0.0),
-        "median_s": med,
-        "min_s": min(times),
-        "repeats": repeats,
-        "traces": step.traces,
-        "final_loss": float(loss),
-    }
-
-
-def time_eager(prep: pipeline.Prepared, params: Any, cfg: TrainConfig, batches: list[Any], repeats: int) -> dict[str, Any]:
-    """The same step, op by op (``jax.disable_jit``), after one warm-up call."""
-    optimizer = make_optimizer(cfg, params)
-    fn = _step_fn(prep.config, cfg, optimizer, None)
-    state = optimizer.init(params)
-    times = []
-    with jax.disable_jit():
-        t0 = time.perf_counter()
-        _, _, loss = fn(params, state, batches[0])
-        _block(loss)
-        warm = time.perf_counter() - t0
-        for r in range(repeats):
-            t0 = time.perf_counter()
-            _, _, loss = fn(params, state, batches[(r + 1) % len(batches)])
-            _block(loss)
-            times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"impl": "eager", "first_call_s": warm, "compile_s": None, "median_s": med, "min_s": min(times), "repeats": repeats}
+def step_flops(c: ModelConfig, batch_size: int, seq_len: int) -> float:
+    """Analytic matmul FLOPs of one training step: 3 x forward (QKV/O projections, scores, MLP, logits)."""
+    D, K, H, L, V, T = c.d_model, c.d_head, c.num_heads, c.num_layers, c.vocab_size, seq_len
+    per_token_layer = H * (3 * 2 * D * K + 2 * K * D) + H * 2 * 2 * K * T / 2  # causal half of QK^T and PV
+    if c.mlp:
+        per_token_layer += 2 * 2 * D * 4 * D
+    fwd = batch_size * T * (L * per_token_layer + 2 * D * V)
+    return 3.0 * fwd
 
 
 def bench_preset(
@@ -102,115 +61,134 @@ def bench_preset(
     batch_size: int,
     seq_len: int,
     repeats: int,
-    eager_repeats: int,
+    eager: bool,
 ) -> tuple[list[dict[str, Any]], Any]:
     run = pipeline.RunConfig(preset=name, seq_len=seq_len, num_seqs=2)
     prep = pipeline.prepare(corpus, eval_corpus, run, tables=tables, progress=False)
     params = pipeline.baseline_params(prep)
-    cfg = TrainConfig(steps=repeats + 1, batch_size=batch_size, seq_len=seq_len)
-    tokens = sample_training_tokens(prep, cfg, jax.random.PRNGKey(0))
+    cfg = TrainConfig(steps=repeats + 2, batch_size=batch_size, seq_len=seq_len)
     pairs, _ = layout_pairs(prep.config)
-    host = []
-    batches = []
-    for t in tokens:
-        t0 = time.perf_counter()
-        batches.append(make_batch(prep, t, "kl", pairs))
-        host.append(time.perf_counter() - t0)
+    tokens = sample_training_tokens(prep, cfg, jax.random.PRNGKey(0))
+    host = time_call(lambda: make_batch(prep, tokens[0], "kl", pairs), repeats=repeats, first=False)
+    batches = [make_batch(prep, t, "kl", pairs) for t in tokens]
     c = prep.config
     shape = {
         "preset": name,
-        "vocab_size": c.vocab_size,
-        "d_model": c.d_model,
-        "d_head": c.d_head,
-        "num_layers": c.num_layers,
-        "num_heads": c.num_heads,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
+        "V": c.vocab_size,
+        "D": c.d_model,
+        "K": c.d_head,
+        "LxH": f"{c.num_layers}x{c.num_heads}",
+        "BxT": f"{batch_size}x{seq_len}",
     }
-    rows = [dict(shape, **time_jit(prep, params, cfg, batches, repeats))]
-    if eager_repeats > 0:
-        rows.append(dict(shape, **time_eager(prep, params, cfg, batches, eager_repeats)))
-    rows.append(
-        dict(shape, impl="host batch", first_call_s=host[0], compile_s=None, median_s=statistics.median(host), min_s=min(host), repeats=len(host))
-    )
-    jit_med = rows[0]["median_s"]
-    for r in rows:
-        r["steps_per_sec"] = 1.0 / r["median_s"] if r["median_s"] > 0 else None
-        r["tokens_per_sec"] = batch_size * seq_len / r["median_s"] if r["median_s"] > 0 else None
-        r["time_vs_jit"] = r["median_s"] / jit_med if jit_med > 0 else None
-    return rows, tables or prep.tables
+    flops = step_flops(c, batch_size, seq_len)
 
+    # Ours: the jitted step, with donated params/opt_state threaded through the calls.
+    optimizer = make_optimizer(cfg, params)
+    step = make_train_step(c, cfg, optimizer)
+    state = {"p": jax.tree.map(jax.numpy.copy, params), "s": None, "i": 0}
+    state["s"] = optimizer.init(state["p"])
 
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    head = (
-        f"{'preset':>6} {'D':>4} {'LxH':>6} {'BxT':>6} {'impl':>10} {'compile s':>9} {'median s':>9} "
-        f"{'steps/s':>8} {'tok/s':>8} {'x jit':>7} {'traces':>6}"
-    )
-    lines = [head, "-" * len(head)]
+    def jit_call() -> Any:
+        state["p"], state["s"], loss = step(state["p"], state["s"], batches[state["i"] % len(batches)])
+        state["i"] += 1
+        return loss
+
+    t_jit = time_call(jit_call, repeats=repeats, warmup=0)
+    rows = [dict(shape, impl="jit (ours)", timing=t_jit, traces=step.traces)]
+
+    if eager:
+        fn = _step_fn(c, cfg, optimizer, None)
+        s0 = optimizer.init(params)
+
+        def eager_call() -> Any:
+            with jax.disable_jit():
+                return fn(params, s0, batches[1])[2]
+
+        t_eager = time_call(eager_call, repeats=max(1, min(repeats, 3)), warmup=0)
+        rows.append(dict(shape, impl="eager (op by op)", timing=t_eager, traces=None))
+    rows.append(dict(shape, impl="host batch (numpy)", timing=host, traces=None))
     for r in rows:
-        comp = f"{r['compile_s']:9.2f}" if r.get("compile_s") is not None else f"{'-':>9}"
-        lines.append(
-            f"{r['preset']:>6} {r['d_model']:>4} {r['num_layers']:>2}x{r['num_heads']:<3} "
-            f"{r['batch_size']:>2}x{r['seq_len']:<3} {r['impl']:>10} {comp} {r['median_s']:9.4f} "
-            f"{r['steps_per_sec']:8.2f} {r['tokens_per_sec']:8.0f} {r['time_vs_jit']:7.1f} {r.get('traces', ''):>6}"
-        )
-    return "\n".join(lines)
+        t = r["timing"]
+        r["median_s"] = t.median_s
+        r["steps_per_sec"] = 1.0 / t.median_s if t.median_s > 0 else None
+        r["tokens_per_sec"] = batch_size * seq_len / t.median_s if t.median_s > 0 else None
+        r["time_vs_jit"] = t.median_s / t_jit.median_s if t_jit.median_s > 0 else None
+        r["gflops_per_sec"] = flops / t.median_s / 1e9 if "host" not in r["impl"] and t.median_s > 0 else None
+    return rows, prep.tables
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats, shorter sequences")
-    ap.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
-    ap.add_argument("--device", default=None, help="jax platform to run on: cpu, gpu or tpu (default: jax's default)")
+    add_common_args(ap)
     ap.add_argument("--corpus", default=None, help="count corpus (default: the built-in stdlib docstrings)")
     ap.add_argument("--presets", default="small,seed", help="comma-separated presets (default small,seed)")
-    ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8; quick 4)")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; quick 32)")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8; --quick 4)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; --quick 32)")
     ap.add_argument("--no-eager", action="store_true", help="skip the op-by-op peer")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAXATTN_NO_PROGRESS", "1")
-    out = report.ensure_out_dir(args.out)
-    device = jax.devices(args.device)[0] if args.device else jax.devices()[0]
+    device = setup(args.device)
     bs = args.batch_size or (4 if args.quick else 8)
     T = args.seq_len or (32 if args.quick else 64)
-    repeats = 3 if args.quick else 10
-    eager_repeats = 0 if args.no_eager else (1 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 10)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    matmul = device_matmul_flops(size=1024 if args.quick else 2048)
+    corpus, eval_corpus = pipeline.load_split(args.corpus, None, pipeline.RunConfig(), progress=False)
     rows: list[dict[str, Any]] = []
-    with jax.default_device(device):
-        corpus, eval_corpus = pipeline.load_split(args.corpus, None, pipeline.RunConfig(), progress=False)
-        tables = None
-        for name in [p.strip() for p in args.presets.split(",") if p.strip()]:
-            print(f"[{name}] timing ...", file=sys.stderr, flush=True)
-            r, tables = bench_preset(
-                name, corpus, eval_corpus, tables, batch_size=bs, seq_len=T, repeats=repeats, eager_repeats=eager_repeats
-            )
-            rows += r
-    print(format_rows(rows))
-    bad = [r for r in rows if r["impl"] == "jit" and r["traces"] != 1]
+    tables = None
+    for name in presets:
+        print(f"[{name}] timing ...", flush=True)
+        eager = not args.no_eager and (not args.quick or name == "small")
+        r, tables = bench_preset(
+            name, corpus, eval_corpus, tables, batch_size=bs, seq_len=T, repeats=repeats, eager=eager
+        )
+        rows += r
+    table = [
+        {
+            **{k: r[k] for k in ("preset", "D", "LxH", "BxT", "impl")},
+            "compile": fmt_s(r["timing"].compile_s) if r["impl"].startswith("jit") else "-",
+            "median": fmt_s(r["median_s"]),
+            "steps/s": f"{r['steps_per_sec']:.3g}",
+            "tokens/s": f"{r['tokens_per_sec']:.0f}",
+            "x jit time": f"{r['time_vs_jit']:.1f}",
+            "GFLOP/s": f"{r['gflops_per_sec']:.1f}" if r["gflops_per_sec"] is not None else "-",
+            "% matmul": f"{100 * r['gflops_per_sec'] * 1e9 / matmul:.0f}%" if r["gflops_per_sec"] else "-",
+            "traces": r["traces"] if r["traces"] is not None else "-",
+        }
+        for r in rows
+    ]
+    print()
+    print_table(
+        table, list(table[0]), title=f"Option 4 train step (KL objective), {device.platform} ({device.device_kind})"
+    )
+    bad = [r for r in rows if r["impl"].startswith("jit") and r["traces"] != 1]
     if bad:
-        print(f"WARNING: the jitted step traced {[r['traces'] for r in bad]} times", file=sys.stderr)
-    env = report.environment_info()
-    doc = {
-        "benchmark": "option4_train_step",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "device_platform": device.platform,
-            "device_kind": device.device_kind,
-            "device_count": jax.device_count(),
+        print(f"WARNING: the jitted step traced {[r['traces'] for r in bad]} times (expected 1)")
+    payload = {
+        "args": {
+            k: (str(v) if not isinstance(v, (int, float, bool, type(None))) else v) for k, v in vars(args).items()
         },
-        "environment": env,
-        "args": vars(args),
         "corpus": corpus.info(),
-        "rows": rows,
+        "matmul_flops_per_sec": matmul,
         "traced_once": not bad,
+        "rows": [
+            {
+                **{k: v for k, v in r.items() if k != "timing"},
+                **r["timing"].to_dict(),
+                "step_flops": step_flops_for(r),
+            }
+            for r in rows
+        ],
     }
-    report.write_json(out / "train.json", doc)
-    print(f"wrote {out / 'train.json'}")
+    write_json("train", payload, args.out, device)
     return 0
 
 
+def step_flops_for(row: dict[str, Any]) -> float | None:
+    """FLOPs per step implied by a row (None for the host-batch row)."""
+    g = row.get("gflops_per_sec")
+    return None if g is None else float(g * 1e9 * row["median_s"])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -4,7 +4,8 @@ Ingredients, added one at a time from the seed derivation (the table accounts fo
 log-P target, calibrated temperature, pseudo-inverses, embedding-stream queries/keys,
 n-gram-aware queries, frequency-weighted factorisation (see jaxattn.options.DerivationConfig).
 
-    python examples/option3_derivation.py [--corpus PATH] [--preset small|seed] [--out DIR] [--no-ablation]
+    python examples/option3_derivation.py [--corpus PATH] [--preset small|seed] [--out DIR]
+        [--no-ablation] [--leave-one-out]
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from _common import guarded, parser, report_before_after, setup
 
 from jaxattn import report
-from jaxattn.options import ablation, format_ablation, run_option
+from jaxattn.options import ablation, format_ablation, leave_one_out, run_option
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--no-ablation", action="store_true", help="skip the ablation table (one derivation per row)")
+    p.add_argument("--leave-one-out", action="store_true", help="also run Option 3 minus each ingredient")
     ex = setup(__doc__, arg_parser=p)
     progress = not ex.args.no_progress
     after = guarded(lambda: run_option(ex.prep, "3", progress=progress))
@@ -31,6 +33,12 @@ def main() -> None:
         print()
         extra["ablation"] = rows
         report.write_json(ex.out / "ablation.json", rows)
+    if ex.args.leave_one_out:
+        loo = guarded(lambda: leave_one_out(ex.prep, progress=progress))
+        print("leave-one-out (Option 3 without one ingredient; row 0 is Option 3):")
+        print(format_ablation(loo))
+        print()
+        extra["leave_one_out"] = loo
     report_before_after(
         ex, after, title="Option 3: closed-form log-P derivation (before: seed derivation)", extra=extra
     )

@@ -399,7 +399,7 @@ _MAX_WINDOWS_PER_LAUNCH = 1 << 30
 _KEY_PIECE = 1 << 16
 #: Token positions per scatter in the kernel's loop: small enough on CPU that the chunk's keys stay in
 #: cache, large on accelerators so each scatter has enough parallel work.
-_CHUNK_CPU = 1 << 18
+_CHUNK_CPU = 1 << 16
 _CHUNK_ACCEL = 1 << 22
 
 
@@ -498,24 +498,23 @@ def _count_kernel(n: int, skips: tuple[int, ...], vocab_size: int, chunk: int) -
     def kernel(tok: jax.Array, num_chunks: jax.Array, length: jax.Array, owned: jax.Array) -> jax.Array:
         # tok: [num_chunks_padded * chunk + halo] uint8/uint16/int32 -> int32 [S, nbins]. Counts the
         # windows starting at pos < owned that end inside tok[:length].
-        def body(j: jax.Array, acc: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            x = jax.lax.dynamic_slice(tok, (j * chunk,), (chunk + halo,)).astype(jnp.int32)
-            pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
-            ctx = x[:chunk]
-            for k in range(1, n):
-                ctx = ctx * vocab_size + x[k : k + chunk]
-            ctx = ctx * vocab_size  # shared by every skip: one context key, S scatters
-            out = []
-            for a, s in zip(acc, skips, strict=True):
-                # Windows past the end go to a dump bin (index nbins), dropped below.
+        def count_skip(s: int) -> jax.Array:
+            def body(j: jax.Array, acc: jax.Array) -> jax.Array:
+                x = jax.lax.dynamic_slice(tok, (j * chunk,), (chunk + halo,)).astype(jnp.int32)
+                pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
+                key = x[:chunk]
+                for k in range(1, n):
+                    key = key * vocab_size + x[k : k + chunk]
+                key = key * vocab_size + x[n + s : n + s + chunk]
+                # Windows past the end (or owned by the next launch) go to a dump bin, dropped below.
                 ok = (pos < length - (n + s)) & (pos < owned)
-                key = jnp.where(ok, ctx + x[n + s : n + s + chunk], nbins)
-                out.append(a.at[key].add(1, mode="promise_in_bounds"))
-            return tuple(out)
+                return acc.at[jnp.where(ok, key, nbins)].add(1, mode="promise_in_bounds")
 
-        acc0 = tuple(jnp.zeros(nbins + 1, jnp.int32) for _ in skips)
-        acc = jax.lax.fori_loop(0, num_chunks, body, acc0)
-        return jnp.stack([a[:nbins] for a in acc])
+            return jax.lax.fori_loop(0, num_chunks, body, jnp.zeros(nbins + 1, jnp.int32))[:nbins]
+
+        # One pass per skip over the (1-byte) tokens: re-reading them is cheaper than scattering
+        # into S accumulators at once, whose working set would not fit the cache.
+        return jnp.stack([count_skip(s) for s in skips])
 
     return jax.jit(kernel)
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.alignment import METRIC_NAMES, context_ids, expected_for_layout, sample_sequences
+from jaxattn.alignment import context_ids, expected_for_layout, sample_sequences
 from jaxattn.counts import (
     CountMatrix,
     SparseMatrix,
@@ -1254,13 +1254,91 @@ def ablation(
     return rows
 
 
+def greedy_order(
+    prep: Prepared, *, progress: bool = True, fields: tuple[str, ...] | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Greedy forward selection of the ablation order (how :data:`ABLATION_STEPS` was chosen).
+
+    From the seed derivation, each round tries every remaining ingredient on top of the ones
+    chosen so far and keeps the one with the largest mean cosine + mean tie-aware argmax
+    match (over all heads) on ``prep.tokens``. Costs ``k (k + 1) / 2`` derivations for k
+    ingredients.
+
+    Args:
+        prep: the prepared run.
+        progress: progress bars.
+        fields: the ingredients to order (default: those of :data:`ABLATION_STEPS`).
+
+    Returns:
+        (the chosen order, one row per tried candidate with its round, the ingredients
+        already chosen, the candidate and the :func:`summarize` numbers).
+    """
+    fields = tuple(fields or (f for f, _, _ in ABLATION_STEPS))
+    chosen: list[str] = []
+    tried: list[dict[str, Any]] = []
+    dcfg = SEED_DERIVATION
+    for rnd in progress_iter(range(len(fields)), desc="greedy order", enabled=progress):
+        best: tuple[float, str, DerivationConfig] | None = None
+        for f in fields:
+            if f in chosen:
+                continue
+            try:
+                cand = dataclasses.replace(dcfg, **{f: True})
+            except JaxattnError:  # e.g. n-gram queries before the embedding stream
+                continue
+            res = run_derivation(prep, cand, label="greedy", progress=False)
+            summ = summarize(res.records, prep.config.num_layers)
+            tried.append({"round": rnd, "chosen": list(chosen), "candidate": f, **summ})
+            score = summ["cosine_mean"] + summ["argmax_match_tied_mean"]
+            if best is None or score > best[0]:
+                best = (score, f, cand)
+        assert best is not None  # every round has a valid candidate: embed_stream is always allowed
+        chosen.append(best[1])
+        dcfg = best[2]
+    return chosen, tried
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    label = row["ingredient"]
+    return label if row["step"] == 0 or label.startswith("- ") else "+ " + label
+
+
+def leave_one_out(prep: Prepared, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Option 3 with one ingredient removed at a time (the complement of :func:`ablation`).
+
+    Removing ``embed_stream`` also removes ``ngram_queries`` (which needs it). Rows have the
+    same fields as :func:`ablation`'s; ``step`` 0 is Option 3 itself.
+
+    Args:
+        prep: the prepared run.
+        progress: progress bars.
+
+    Returns:
+        One dict per row.
+    """
+    plan = [("", "option 3", "every ingredient")] + [
+        (f, f"- {label}", f"Option 3 without: {desc}") for f, label, desc in ABLATION_STEPS
+    ]
+    rows = []
+    for k, (field, label, desc) in enumerate(progress_iter(plan, desc="leave-one-out", enabled=progress)):
+        off = {field: False} if field else {}
+        if field == "embed_stream":
+            off["ngram_queries"] = False
+        dcfg = dataclasses.replace(OPTION3, **off)
+        res = run_derivation(prep, dcfg, label=f"loo{k}", progress=False)
+        row: dict[str, Any] = {"step": k, "ingredient": label, "description": desc, "config": dataclasses.asdict(dcfg)}
+        row.update(summarize(res.records, prep.config.num_layers))
+        rows.append(row)
+    return rows
+
+
 def format_ablation(rows: list[dict[str, Any]]) -> str:
     """The ablation table: overall means, the worst layer, and per-layer cosine / tied match."""
-    head = f"{'step':>4} {'ingredient':<22} {'cos':>6} {'worst':>6} {'tied':>6} {'worst':>6} {'KL':>6} {'entropy':>7}"
+    head = f"{'step':>4} {'ingredient':<24} {'cos':>6} {'worst':>6} {'tied':>6} {'worst':>6} {'KL':>6} {'entropy':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['step']:>4} {('+ ' if r['step'] else '') + r['ingredient']:<22} {r['cosine_mean']:6.3f} "
+            f"{r['step']:>4} {_row_label(r):<24} {r['cosine_mean']:6.3f} "
             f"{r['cosine_worst_layer']:6.3f} {r['argmax_match_tied_mean']:6.1%} "
             f"{r['argmax_match_tied_worst_layer']:6.1%} "
             f"{r['kl_mean']:6.3f} {r['entropy_mean']:7.3f}"
@@ -1277,12 +1355,17 @@ def format_ablation(rows: list[dict[str, Any]]) -> str:
 
 __all__ = [
     "ABLATION_STEPS",
-    "METRIC_NAMES",
     "OPTION3",
     "SEED_DERIVATION",
     "DerivationConfig",
     "PPMIConfig",
     "ablation",
+    "derive_option3",
     "format_ablation",
+    "greedy_order",
+    "leave_one_out",
     "run_option",
+    "run_option1",
+    "run_option2",
+    "run_option3",
 ]

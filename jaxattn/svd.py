@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -223,9 +224,9 @@ def _build_ell(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> _El
     nch = np.maximum(1, -(-counts // w))
     total = int(nch.sum())
     first_chunk = np.cumsum(nch) - nch
-    seg_of_nnz = np.repeat(np.arange(nseg), counts)
-    local = np.arange(indices.shape[0]) - np.repeat(indptr[:-1].astype(np.int64), counts)
-    flat = (first_chunk[seg_of_nnz] + local // w) * w + local % w
+    # Entry k of segment s goes to slot k + (first_chunk[s] * w - indptr[s]).
+    shift = np.repeat(first_chunk * w - indptr[:-1], counts)
+    flat = np.arange(indices.shape[0], dtype=shift.dtype) + shift
     idx = np.zeros(total * w, np.int32)
     val = np.zeros(total * w, data.dtype)
     idx[flat] = indices
@@ -523,6 +524,7 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
         # Ritz values of step j; the stopping test on step j then keeps the
         # (already computed) step j+1 as a free extra block.
         history: list[np.ndarray] = []
+        converged = False
         basis, a, r = _krylov_step(op, basis, jnp.int32(0), **kw)
         for j in range(steps):
             nxt = None
@@ -536,9 +538,18 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
             history.append(_ritz_values(diag, sub, rank))
             a, r = nxt
             if _converged(history, tol):
+                converged = True
                 diag.append(np.asarray(a, np.float64))
                 sub.append(np.asarray(r, np.float64))
                 break
+        if not converged:
+            warnings.warn(
+                f"truncated_svd: the singular values did not settle to tol={tol:g} within the "
+                f"Krylov space limit of {steps} blocks of {block} (min(R, V) = {n}); the result "
+                "may be less accurate. method='exact' is exact for matrices that fit in memory.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     used = len(diag)
     _LAST_INFO.clear()
     _LAST_INFO.update(

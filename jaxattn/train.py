@@ -140,9 +140,7 @@ def trainable_labels(params: Params, train_ngram: bool = False) -> dict[str, str
     """``"train"`` for E (and n-gram leaves when ``train_ngram``), ``"freeze"`` for everything else."""
     if "embed" not in params:
         raise JaxattnError(f"params have no 'embed' leaf to train (keys: {sorted(params)})")
-    return {
-        k: TRAIN if k == "embed" or (train_ngram and k.startswith(NGRAM_PREFIX)) else FREEZE for k in params
-    }
+    return {k: TRAIN if k == "embed" or (train_ngram and k.startswith(NGRAM_PREFIX)) else FREEZE for k in params}
 
 
 def make_optimizer(train_cfg: TrainConfig, params: Params) -> optax.GradientTransformation:
@@ -157,7 +155,9 @@ def make_optimizer(train_cfg: TrainConfig, params: Params) -> optax.GradientTran
     chain = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip is not None else []
     adam = optax.chain(*chain, optax.adam(schedule))
     # Frozen leaves get no optimiser state and an exactly-zero update.
-    return optax.multi_transform({TRAIN: adam, FREEZE: optax.set_to_zero()}, trainable_labels(params, train_cfg.train_ngram))
+    return optax.multi_transform(
+        {TRAIN: adam, FREEZE: optax.set_to_zero()}, trainable_labels(params, train_cfg.train_ngram)
+    )
 
 
 def head_weights(pair_index: np.ndarray, balance: str = "tables") -> np.ndarray:
@@ -216,9 +216,7 @@ def kl_loss(
     return jnp.sum(w * q["kl"]) / jnp.where(denom > 0, denom, 1.0)
 
 
-def ce_loss(
-    params: Params, batch: Batch, config: ModelConfig, qk_inputs_fn: QKInputsFn | None = None
-) -> jax.Array:
+def ce_loss(params: Params, batch: Batch, config: ModelConfig, qk_inputs_fn: QKInputsFn | None = None) -> jax.Array:
     """Mean next-token cross-entropy (nats) of the tied-unembedding logits.
 
     Args:
@@ -448,8 +446,16 @@ def embedding_stats(before: jax.Array, after: jax.Array) -> dict[str, float]:
 
 def frozen_check(before: Params, after: Params, labels: dict[str, str]) -> dict[str, Any]:
     """Bit-identity of every frozen leaf (``np.array_equal``), and whether each trained leaf changed."""
-    mismatched = [k for k, lab in labels.items() if lab == FREEZE and not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))]
-    changed = {k: bool(not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))) for k, lab in labels.items() if lab == TRAIN}
+    mismatched = [
+        k
+        for k, lab in labels.items()
+        if lab == FREEZE and not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))
+    ]
+    changed = {
+        k: bool(not np.array_equal(np.asarray(before[k]), np.asarray(after[k])))
+        for k, lab in labels.items()
+        if lab == TRAIN
+    }
     return {
         "frozen_bit_identical": not mismatched,
         "frozen_mismatched": mismatched,
@@ -524,7 +530,9 @@ def train_embeddings(
     batch = make_batch(prep, train_tokens[0], train_cfg.objective, pairs)
     host_s += time.perf_counter() - t0
     seg = time.perf_counter()
-    for i in progress_iter(range(train_cfg.steps), desc="option 4: training E", enabled=progress, total=train_cfg.steps):
+    for i in progress_iter(
+        range(train_cfg.steps), desc="option 4: training E", enabled=progress, total=train_cfg.steps
+    ):
         work, opt_state, loss = step(work, opt_state, batch)  # dispatched asynchronously
         if i + 1 < train_cfg.steps:
             # Build the next batch on the host while the step runs.
@@ -603,15 +611,22 @@ def run_option4(
     key = jax.random.fold_in(prep.key("option4"), train_cfg.seed)
     with prep.timer.stage("train"):
         trained, curves = train_embeddings(
-            prep, params, train_cfg, key=key, progress=progress, qk_inputs_fn=qk_inputs_fn, before_records=before_records
+            prep,
+            params,
+            train_cfg,
+            key=key,
+            progress=progress,
+            qk_inputs_fn=qk_inputs_fn,
+            before_records=before_records,
         )
     records, attn = heldout_alignment(prep, trained, qk_inputs_fn=qk_inputs_fn, progress=progress)
     before = [dict(r, option="before") for r in layer_summary(before_records)]
     after = [dict(r, option="option4") for r in layer_summary(records)]
+    pairs_ab = list(zip(after, before, strict=True))
     improved = {
-        "cosine": [a["cosine"] > b["cosine"] for a, b in zip(after, before)],
-        "argmax_match_tied": [a["argmax_match_tied"] > b["argmax_match_tied"] for a, b in zip(after, before)],
-        "kl": [a["kl"] < b["kl"] for a, b in zip(after, before)],
+        "cosine": [a["cosine"] > b["cosine"] for a, b in pairs_ab],
+        "argmax_match_tied": [a["argmax_match_tied"] > b["argmax_match_tied"] for a, b in pairs_ab],
+        "kl": [a["kl"] < b["kl"] for a, b in pairs_ab],
     }
     scale_before = score_scale(params, prep.config, before_attn)
     scale_after = score_scale(trained, prep.config, attn)
