@@ -16,6 +16,9 @@ per layer, head and sequence), same inputs, same process:
   jitted per-head function: shows how much is the single fused call itself.
 * ``seed per-query loop`` — pure Python/numpy per query (as the seed's analysis did), on a
   subsample of queries, extrapolated (labelled).
+* ``proposed: lax.map over heads`` — not a peer: the same kernel in one jitted call that maps over
+  the 144 heads instead of vmapping them, so no [L, H, B, T, T] temporaries (nor the transpose of
+  attn) are materialised. Shown because ``layer_head_metrics`` is memory-bound at these sizes.
 
 Also the forward pass that produces attn, with its FLOP floor: analytic matmul FLOPs / the
 device's measured matmul rate.

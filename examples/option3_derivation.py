@@ -1,8 +1,8 @@
 """Option 3: a closed-form derivation whose attention matches the counts, and its ablation table.
 
 Ingredients, added one at a time from the seed derivation (the table accounts for the gap):
-log-P target, calibrated temperature, pseudo-inverses, embedding-stream queries/keys,
-n-gram-aware queries, frequency-weighted factorisation (see jaxattn.options.DerivationConfig).
+embedding-stream queries/keys, pseudo-inverses, calibrated temperature, n-gram-aware
+queries, log-P target, frequency-weighted factorisation (jaxattn.options.DerivationConfig).
 
     python examples/option3_derivation.py [--corpus PATH] [--preset small|seed] [--out DIR]
         [--no-ablation] [--leave-one-out]

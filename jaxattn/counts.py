@@ -526,6 +526,7 @@ def _dense_counts_jax(t: np.ndarray, n: int, skips: tuple[int, ...], vocab_size:
     int32 within a launch; launches add up in int64 on the host). Padded lengths are rounded to a
     power of two of chunks so that the kernel compiles O(log N) times, not once per corpus length.
     """
+    import jax
     import jax.numpy as jnp
 
     length = t.shape[0]
@@ -540,7 +541,8 @@ def _dense_counts_jax(t: np.ndarray, n: int, skips: tuple[int, ...], vocab_size:
         buf = np.zeros(padded_chunks * chunk + halo, piece.dtype)
         buf[: piece.shape[0]] = piece
         owned = min(_MAX_WINDOWS_PER_LAUNCH, piece.shape[0])  # later windows belong to the next launch
-        out = kern(jnp.asarray(buf), jnp.int32(num_chunks), jnp.int32(piece.shape[0]), jnp.int32(owned))
+        # device_put, not jnp.asarray: a plain transfer, several times faster for a large host array.
+        out = kern(jax.device_put(buf), jnp.int32(num_chunks), jnp.int32(piece.shape[0]), jnp.int32(owned))
         total += np.asarray(out)
     return total
 

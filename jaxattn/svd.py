@@ -338,44 +338,44 @@ def _orthogonalize_against(z: jax.Array, basis: jax.Array, j: jax.Array) -> jax.
     return jax.lax.fori_loop(0, j + 1, body, z)
 
 
-def _next_block(z: jax.Array, basis: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Orthonormal q (n, b) and upper-triangular r (b, b) with z = q @ r, q orthogonal to the basis.
+def _next_block(
+    z: jax.Array, z0_norm: jax.Array, noise: jax.Array, basis: jax.Array, j: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Orthonormal q (n, b), orthogonal to the basis, and upper-triangular r with z = q @ r.
 
-    The fast path is CholeskyQR2. When z is (nearly) rank deficient, the
-    Krylov space is (nearly) invariant: Householder QR, a second
-    orthogonalisation of q against the basis (so that the directions z does
-    not determine stay orthogonal to it), then r = q^T z re-triangularised.
+    The fast path is CholeskyQR2. When z is (nearly) rank deficient (the
+    Krylov space is nearly invariant, or the matrix has low rank), a
+    Householder QR of ``z + delta * noise``, with ``noise`` orthogonalised
+    against the basis and ``delta`` at rounding level, gives the missing
+    directions orthogonal to the basis without changing ``r`` beyond rounding.
     """
     q, r, ok = _cholqr2(z)
 
     def robust(_):
-        q1, _ = jnp.linalg.qr(z)
-        q2, _ = jnp.linalg.qr(_orthogonalize_against(q1, basis, j))
-        o, u = jnp.linalg.qr(q2.T @ z)  # z = q2 (q2^T z) = (q2 o) u
-        return q2 @ o, u
+        eps = jnp.finfo(z.dtype).eps
+        delta = jnp.maximum(eps * z0_norm, jnp.sqrt(jnp.finfo(z.dtype).tiny))
+        n_perp = _orthogonalize_against(noise, basis, j)
+        n_perp = n_perp / jnp.maximum(jnp.linalg.norm(n_perp, axis=0), jnp.finfo(z.dtype).tiny)
+        qq, rr = jnp.linalg.qr(z + delta * n_perp)
+        return qq, rr
 
-    def fast(_):
-        return q, r
-
-    q, rr = jax.lax.cond(ok, fast, robust, None)
-    return q, rr
+    return jax.lax.cond(ok, lambda _: (q, r), robust, None)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "block", "num_blocks", "dtype"))
-def _krylov_start(key: jax.Array, *, n: int, block: int, num_blocks: int, dtype: Any) -> jax.Array:
-    """Basis buffer (num_blocks, n, block) with a random orthonormal block 0."""
-    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, block), dtype))
-    basis = jnp.zeros((num_blocks, n, block), dtype)
-    return basis.at[0].set(q)
+@functools.partial(jax.jit, static_argnames=("num_blocks",))
+def _krylov_start(q0: jax.Array, *, num_blocks: int) -> jax.Array:
+    """Basis buffer (num_blocks, n, b) holding the orthonormal start block q0 (n, b)."""
+    return jnp.zeros((num_blocks, *q0.shape), q0.dtype).at[0].set(q0)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "m", "n"), donate_argnames=("basis",))
-def _krylov_step(op, basis: jax.Array, j: jax.Array, *, transpose: bool, m: int, n: int):
+def _krylov_step(op, basis: jax.Array, noise: jax.Array, j: jax.Array, *, transpose: bool, m: int, n: int):
     """One block Lanczos step on ``G = A^T A`` with full reorthogonalisation.
 
     Args:
         op: the matrix: a dense (R, V) array or a :class:`_SparseOp`.
         basis: (num_blocks, n, b) orthonormal blocks; blocks 0..j are filled.
+        noise: (n, b) fixed random block, used only on (near) breakdown.
         j: the current block (int32 scalar, traced: one compilation for all j).
         transpose: dense only: ``A = op.T`` instead of ``op``.
         m: rows of A (the large side).
@@ -394,15 +394,16 @@ def _krylov_step(op, basis: jax.Array, j: jax.Array, *, transpose: bool, m: int,
     # "Twice is enough": when a column lost most of its norm, one pass leaves
     # rounding-level components along the basis that are large relative to
     # what remains; a second pass removes them.
-    shrunk = jnp.any(jnp.linalg.norm(z, axis=0) <= _REORTH_RATIO * jnp.linalg.norm(z0, axis=0))
+    z0_norms = jnp.linalg.norm(z0, axis=0)
+    shrunk = jnp.any(jnp.linalg.norm(z, axis=0) <= _REORTH_RATIO * z0_norms)
     z = jax.lax.cond(shrunk, lambda z: _orthogonalize_against(z, basis, j), lambda z: z, z)
-    qn, r = _next_block(z, basis, j)
+    qn, r = _next_block(z, jnp.max(z0_norms), noise, basis, j)
     return basis.at[j + 1].set(qn), a, r
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "m", "n"))
 def _krylov_finish(op, basis: jax.Array, w: jax.Array, used: jax.Array, *, transpose: bool, m: int, n: int):
-    """Ritz vectors and singular values.
+    """Ritz vectors and singular values, as the signed (U, S, Vt) of M.
 
     Args:
         op, transpose, m, n: as for :func:`_krylov_step`.
@@ -411,8 +412,7 @@ def _krylov_finish(op, basis: jax.Array, w: jax.Array, used: jax.Array, *, trans
         used: number of blocks in ``T``.
 
     Returns:
-        x (n, k) unit right vectors of A, y (m, k) unit left vectors, s (k,)
-        descending, with ``A @ x = y * s``.
+        U (R, k), S (k,) descending, Vt (k, V), with the sign convention.
     """
 
     def body(i, x):
@@ -436,7 +436,9 @@ def _krylov_finish(op, basis: jax.Array, w: jax.Array, used: jax.Array, *, trans
 
     tiny = s[-1] <= _TINY_SIGMA * s[0]
     y = jax.lax.cond(tiny, complete, lambda y: y, y)
-    return x, y, s
+    if transpose:  # M = A^T = x s y^T
+        return _sign_fix(x, s, y.T)
+    return _sign_fix(y, s, x.T)
 
 
 def _band(diag: list[np.ndarray], sub: list[np.ndarray]) -> np.ndarray:
@@ -491,8 +493,9 @@ def _converged(history: list[np.ndarray], tol: float) -> bool:
 def _plan(n: int, rank: int, oversample: int, n_iter: int | None, itemsize: int) -> tuple[int, int]:
     """Krylov block width and maximum number of Lanczos steps."""
     block = min(rank + oversample, n)
-    # The basis buffer holds steps + 1 blocks; keep (steps + 1) * block <= n and <= ~1 GiB.
-    by_dim = n // block - 1
+    # T uses at most n // block blocks (all of them orthonormal); the buffer
+    # holds one more, the last residual block; keep it under ~1 GiB.
+    by_dim = n // block
     by_mem = (1 << 30) // max(1, n * block * itemsize) - 1
     cap = max(1, min(by_dim, by_mem))
     if n_iter is not None:
@@ -501,21 +504,26 @@ def _plan(n: int, rank: int, oversample: int, n_iter: int | None, itemsize: int)
 
 
 def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
-    """Block Lanczos SVD; returns (U (R, rank), S (rank,), Vt (rank, V)), unsigned."""
+    """Block Lanczos SVD; returns (U (R, rank), S (rank,), Vt (rank, V)), signed."""
     R, V = shape
     transpose = V > R  # A = M (V <= R) or M.T, so that A is (m, n) with n <= m
     m, n = (V, R) if transpose else (R, V)
     dtype = np.dtype(mat.csr.dtype if isinstance(mat, _Sparse) else mat.dtype)
     block, steps = _plan(n, rank, oversample, n_iter, dtype.itemsize)
     op = _sparse_op(mat, transpose) if isinstance(mat, _Sparse) else mat
-    basis = _krylov_start(key, n=n, block=block, num_blocks=steps + 1, dtype=dtype)
+    # The start block and the breakdown noise come from the host generator
+    # seeded by the key: deterministic, and nothing random to compile.
+    rng = np.random.default_rng(_key_seed(key))
+    q0, _ = np.linalg.qr(rng.standard_normal((n, block)))
+    noise = jnp.asarray(rng.standard_normal((n, block)), dtype)
+    basis = _krylov_start(jnp.asarray(q0, dtype), num_blocks=steps + 1)
     kw = dict(transpose=transpose, m=m, n=n)
     diag: list[np.ndarray] = []
     sub: list[np.ndarray] = []
     if n_iter is not None:
         blocks = []
         for j in range(steps):
-            basis, a, r = _krylov_step(op, basis, jnp.int32(j), **kw)
+            basis, a, r = _krylov_step(op, basis, noise, jnp.int32(j), **kw)
             blocks.append((a, r))
         diag = [np.asarray(a, np.float64) for a, _ in blocks]
         sub = [np.asarray(r, np.float64) for _, r in blocks]
@@ -525,11 +533,11 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
         # (already computed) step j+1 as a free extra block.
         history: list[np.ndarray] = []
         converged = False
-        basis, a, r = _krylov_step(op, basis, jnp.int32(0), **kw)
+        basis, a, r = _krylov_step(op, basis, noise, jnp.int32(0), **kw)
         for j in range(steps):
             nxt = None
             if j + 1 < steps:
-                basis, a1, r1 = _krylov_step(op, basis, jnp.int32(j + 1), **kw)
+                basis, a1, r1 = _krylov_step(op, basis, noise, jnp.int32(j + 1), **kw)
                 nxt = (a1, r1)
             diag.append(np.asarray(a, np.float64))
             sub.append(np.asarray(r, np.float64))
@@ -542,7 +550,7 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
                 diag.append(np.asarray(a, np.float64))
                 sub.append(np.asarray(r, np.float64))
                 break
-        if not converged:
+        if not converged and len(diag) * block < n:
             warnings.warn(
                 f"truncated_svd: the singular values did not settle to tol={tol:g} within the "
                 f"Krylov space limit of {steps} blocks of {block} (min(R, V) = {n}); the result "
@@ -564,10 +572,14 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
     vec = _ritz_vectors(diag, sub, rank)
     w = np.zeros((steps + 1, block, rank), dtype)
     w[:used] = vec.reshape(used, block, rank)
-    x, y, s = _krylov_finish(op, basis, jnp.asarray(w), jnp.int32(used), **kw)
-    if transpose:  # M = A^T = x s y^T
-        return x, s, y.T
-    return y, s, x.T
+    return _krylov_finish(op, basis, jnp.asarray(w), jnp.int32(used), **kw)
+
+
+def _key_seed(key: Any) -> list[int]:
+    """The integers of a jax PRNG key (raw uint32 or typed), to seed numpy."""
+    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return [int(v) for v in np.asarray(key).ravel()]
 
 
 # ---------------------------------------------------------------------------
@@ -654,5 +666,4 @@ def truncated_svd(
         return _exact_svd(mat, rank=rank)
     if key is None:
         key = jax.random.PRNGKey(0)
-    u, s, vt = _randomized_svd(mat, shape, rank, key, float(tol), int(oversample), n_iter)
-    return _sign_fix(u, s, vt)
+    return _randomized_svd(mat, shape, rank, key, float(tol), int(oversample), n_iter)

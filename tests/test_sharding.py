@@ -36,6 +36,7 @@ SCRIPT = textwrap.dedent(
     from tests.conftest import markov_corpus
 
     out = {"num_devices": len(jax.devices())}
+    sharding._PIECE = 32  # shards of ~126 tokens then loop over 4 pieces; the tiny corpus uses one
     mesh = sharding.make_mesh(8)
     mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
 
