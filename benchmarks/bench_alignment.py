@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     B = args.num_seqs or (16 if args.quick else 64)
     T = args.seq_len
-    repeats = args.repeats or 3
+    repeats = args.repeats or (2 if args.quick else 3)
     t0 = time.perf_counter()
     run = RunConfig(preset="seed", seq_len=T, num_seqs=B, batch_size=16)
     path = str(SHAKESPEARE) if SHAKESPEARE.is_dir() else None

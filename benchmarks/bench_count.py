@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         jc._CHUNK_CPU = jc._CHUNK_ACCEL = int(args.chunk)
     N = int(args.tokens or (1e7 if args.quick else 1e8))
     n_dict = int(args.dict_tokens or (1e5 if args.quick else 3e5))
-    repeats = args.repeats or (3 if args.quick else 3)
+    repeats = args.repeats or 3
 
     t0 = time.perf_counter()
     tokens, docs, tokenizer, source = load_tokens(N)

@@ -345,18 +345,20 @@ def _next_block(
 
     The fast path is CholeskyQR2. When z is (nearly) rank deficient (the
     Krylov space is nearly invariant, or the matrix has low rank), a
-    Householder QR of ``z + delta * noise``, with ``noise`` orthogonalised
-    against the basis and ``delta`` at rounding level, gives the missing
-    directions orthogonal to the basis without changing ``r`` beyond rounding.
+    Householder QR of ``z + delta * noise``, orthogonalised once more against
+    the basis, with ``delta`` at rounding level: the random directions fill
+    the missing ones, orthogonal to the basis, and ``r`` changes only by
+    rounding.
     """
     q, r, ok = _cholqr2(z)
 
     def robust(_):
         eps = jnp.finfo(z.dtype).eps
         delta = jnp.maximum(eps * z0_norm, jnp.sqrt(jnp.finfo(z.dtype).tiny))
-        n_perp = _orthogonalize_against(noise, basis, j)
-        n_perp = n_perp / jnp.maximum(jnp.linalg.norm(n_perp, axis=0), jnp.finfo(z.dtype).tiny)
-        qq, rr = jnp.linalg.qr(z + delta * n_perp)
+        # One more pass on the sum also removes the rounding-level basis
+        # components of z, which are large relative to its tiny directions.
+        zp = _orthogonalize_against(z + (delta / jnp.sqrt(z.shape[0])) * noise, basis, j)
+        qq, rr = jnp.linalg.qr(zp)
         return qq, rr
 
     return jax.lax.cond(ok, lambda _: (q, r), robust, None)

@@ -73,9 +73,9 @@ class TrainConfig:
             (11:1 in the seed preset) and E is bent towards them at layer 0's expense.
     """
 
-    steps: int = 150
+    steps: int = 100
     learning_rate: float = 3e-3
-    batch_size: int = 8
+    batch_size: int = 4
     seq_len: int = 64
     objective: str = "kl"
     train_ngram: bool = False
@@ -474,6 +474,7 @@ def train_embeddings(
     qk_inputs_fn: QKInputsFn | None = None,
     evaluate_heldout: bool = True,
     before_records: list[dict[str, Any]] | None = None,
+    eval_last: bool = True,
 ) -> tuple[Params, dict[str, Any]]:
     """Trains E (and n-gram leaves if asked) with every other weight frozen.
 
@@ -489,6 +490,7 @@ def train_embeddings(
         qk_inputs_fn: optional ``(params, tokens) -> (q_in, k_in)``, each [B, L, T, D].
         evaluate_heldout: record the held-out alignment every ``eval_every`` steps.
         before_records: held-out records of ``params`` if already computed (the step-0 point).
+        eval_last: evaluate after the last step (off when the caller scores the result itself).
 
     Returns:
         (trained params, curves) where curves holds ``step``, ``loss`` [steps], ``step_time_s``,
@@ -552,7 +554,8 @@ def train_embeddings(
         curves["step"].append(i + 1)
         curves["loss"].append(loss_f)
         curves["step_time_s"].append(now - seg)
-        if evaluate_heldout and ((i + 1) % train_cfg.eval_every == 0 or i + 1 == train_cfg.steps):
+        last = i + 1 == train_cfg.steps
+        if evaluate_heldout and (((i + 1) % train_cfg.eval_every == 0 and not last) or (last and eval_last)):
             record_eval(i + 1, work)
         seg = time.perf_counter()
     # Steady-state throughput of the training loop (host batching overlapped), evaluations excluded.
@@ -567,6 +570,43 @@ def train_embeddings(
     curves.update(frozen_check(params, work, labels))
     curves["trained_leaves"] = sorted(k for k, lab in labels.items() if lab == TRAIN)
     return work, curves
+
+
+#: Above this many analytic FLOPs per training token the smaller default schedule is used.
+_LARGE_MODEL_FLOPS_PER_TOKEN = 2e7
+
+
+def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Analytic matmul FLOPs of the forward pass per token (projections, causal scores, MLP, logits)."""
+    D, K, H, L, V = config.d_model, config.d_head, config.num_heads, config.num_layers, config.vocab_size
+    per_layer = H * (3 * 2 * D * K + 2 * K * D) + H * 2 * K * seq_len  # QK^T and PV over the causal half
+    if config.mlp:
+        per_layer += 2 * 2 * D * 4 * D
+    return float(L * per_layer + 2 * D * V)
+
+
+def default_train_config(prep: Prepared, base: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """Training settings for a run: ``base`` (default: sized to the model), then non-None ``overrides``.
+
+    Without ``base``, models up to 2e7 forward FLOPs per token (the "small" preset: ~2e6) train 300
+    steps of 8 sequences; larger ones (the seed preset, ~1.7e8) 100 steps of 4, which measured
+    as enough for every layer of the seed preset on Shakespeare to improve (about 5-10 minutes on
+    2 CPU cores). Sequences are ``prep.run.seq_len`` long and the batch seed is the run seed.
+
+    Raises:
+        JaxattnError: an override that is not a :class:`TrainConfig` field, or a bad value.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise JaxattnError(f"unknown option 4 setting(s) {bad}; TrainConfig has {sorted(fields)}")
+    if base is None:
+        large = forward_flops_per_token(prep.config, prep.run.seq_len) > _LARGE_MODEL_FLOPS_PER_TOKEN
+        steps, batch, every = (100, 4, 25) if large else (300, 8, 50)
+        base = TrainConfig(
+            steps=steps, batch_size=batch, eval_every=every, seq_len=prep.run.seq_len, seed=prep.run.seed
+        )
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def run_option4(
@@ -584,7 +624,7 @@ def run_option4(
     Args:
         prep: the prepared run.
         progress: show progress bars.
-        train_cfg: training settings (default :class:`TrainConfig` with ``seq_len`` of the run).
+        train_cfg: training settings (default: :func:`default_train_config`).
         params: starting parameters (default: :func:`jaxattn.pipeline.baseline_params`).
         baseline: an already computed baseline result (reused for the "before" numbers).
         qk_inputs_fn: optional n-gram-aware query/key inputs as a function of params.
@@ -595,13 +635,7 @@ def run_option4(
         ``after`` (per-layer summaries), ``steps_per_sec``, ``compile_s``, ``frozen_bit_identical``,
         ``score_scale``, ``embedding`` statistics, ``improved_every_layer`` and ``train_config``.
     """
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise JaxattnError(f"unknown option 4 setting(s) {bad}; TrainConfig has {sorted(fields)}")
-    if train_cfg is None:
-        train_cfg = TrainConfig(seq_len=prep.run.seq_len, seed=prep.run.seed)
-    train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
+    train_cfg = default_train_config(prep, train_cfg, **overrides)
     if params is None:
         params = baseline.params if baseline is not None and baseline.params is not None else baseline_params(prep)
     if baseline is not None and qk_inputs_fn is None:

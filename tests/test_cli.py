@@ -197,7 +197,7 @@ def test_loaded_tables_with_another_vocabulary_are_refused_by_prepare():
     corpus = corpus_from_ids(np.arange(60, dtype=np.int32) % 6, None, 6)
     tabs = jaxattn.count_tables(np.arange(60, dtype=np.int32) % 5, 5, 2, 3)
     with pytest.raises(JaxattnError, match=r"count tables have vocab_size 5, but the corpus has vocab_size=6"):
-        pipeline.prepare(corpus, corpus, pipeline.RunConfig(preset="small"), tables=tabs, progress=False)
+        pipeline.prepare(corpus, corpus, pipeline.RunConfig(preset="small", seq_len=8), tables=tabs, progress=False)
 
 
 def _python_cli(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:

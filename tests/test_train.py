@@ -116,7 +116,7 @@ def test_training_lowers_the_loss_freezes_attention_and_moves_embed(prep, traine
     before, params, curves = trained
     loss = np.asarray(curves["loss"])
     assert loss.shape == (CFG.steps,) and np.all(np.isfinite(loss))
-    assert loss[-8:].mean() < loss[:8].mean() - 0.02, loss
+    assert loss[-10:].mean() < loss[:10].mean(), loss  # fresh batches each step: compare thirds
     # Every non-embedding leaf is bit-identical; the embedding moved.
     assert curves["frozen_bit_identical"] and curves["frozen_mismatched"] == []
     for k, v in before.items():
@@ -128,6 +128,7 @@ def test_training_lowers_the_loss_freezes_attention_and_moves_embed(prep, traine
     # Held-out curve: step 0, every eval_every steps and the last step; one value per layer.
     assert curves["eval_step"] == [0, 15, 30]
     assert all(len(c) == prep.config.num_layers for c in curves["eval_kl"])
+    assert np.mean(curves["eval_kl"][-1]) < np.mean(curves["eval_kl"][0])  # held-out KL fell too
     # On a fixed batch the trained embedding scores better than the derived one.
     pairs, pair_index = layout_pairs(prep.config)
     toks = sample_training_tokens(prep, dataclasses.replace(CFG, steps=1), jax.random.PRNGKey(99))[0]
