@@ -16,6 +16,19 @@ comes from the count corpus only (``prep.tables`` and ``prep.corpus``), never fr
   one by one (:class:`DerivationConfig`); :func:`ablation` adds them cumulatively, starting
   from the seed derivation, and its last row is Option 3.
 
+What the Option 3 model gets as input. The residual stream is the seed's (``x_0 = E[t]``,
+seed W_V/W_O, the random MLP), but attention reads its queries and keys through the model's
+``qk_inputs`` hook (:class:`QKInputs`), not from ``LN(x)``: keys at every layer are
+``LN(E[t_j])``; queries are ``LN(E[t_i])`` at n = 1 layers and, at n >= 2 layers, the row of
+the query's n-gram ``g_i`` in a per-n table (its longest observed suffix when ``g_i`` was
+never counted). Why: from layer 1 on, ``LN(x)`` is mostly the random MLP's output (measured
+at the seed preset on Shakespeare: its cosine with ``LN(E[t])`` is 0.27 at layer 1 and 0.24
+by layer 11), and a token-only query cannot tell apart the bigrams that end in one token. With these inputs ``W_Q = pinv(X_q) A`` and
+``W_K = pinv(X_k) B`` are exact, so ``q_i . k_j / sqrt(K) = tau (A B^T)[g_i, t_j]``, the
+rank-K, frequency-weighted approximation of the row-centred ``log P~``, whose row softmax
+over the keys present is the expected attention; so tau, fitted on the count corpus, should
+come out near 1 (it does: 1.000-1.001 at the seed preset).
+
 Axis vocabulary: B sequences, L layers, H heads, T/S positions, D d_model, K d_head,
 V vocabulary, R observed contexts of one table, P distinct (n, s) tables, F concatenated
 query factors of one layer.
@@ -907,12 +920,19 @@ class Derivation:
     info: dict[str, Any]
 
 
-def _stream_rows(embed: jax.Array, config: ModelConfig) -> np.ndarray:
-    """``LN(E)`` as the first layer sees it (frozen LayerNorm: unit scale, zero bias)."""
+def _stream_rows(embed: jax.Array, config: ModelConfig, eps: float = 1e-5) -> np.ndarray:
+    """``LN(E)`` as the first layer sees it (the frozen LayerNorm has unit scale and zero bias).
+
+    The formula of :func:`jaxattn.model.layer_norm`, in numpy (no compile for a [V, D] table).
+
+    Returns:
+        float32 [V, D].
+    """
+    e = np.asarray(embed, np.float64)
     if not config.layernorm:
-        return np.asarray(embed, np.float32)
-    D = embed.shape[1]
-    return np.asarray(layer_norm(jnp.asarray(embed, jnp.float32), jnp.ones((D,)), jnp.zeros((D,))), np.float32)
+        return e.astype(np.float32)
+    c = e - e.mean(-1, keepdims=True)
+    return (c / np.sqrt((c**2).mean(-1, keepdims=True) + eps)).astype(np.float32)
 
 
 def derive_option3(

@@ -338,28 +338,24 @@ def _orthogonalize_against(z: jax.Array, basis: jax.Array, j: jax.Array) -> jax.
     return jax.lax.fori_loop(0, j + 1, body, z)
 
 
-def _next_block(
-    z: jax.Array, z0_norm: jax.Array, noise: jax.Array, basis: jax.Array, j: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def _next_block(z: jax.Array, basis: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Orthonormal q (n, b), orthogonal to the basis, and upper-triangular r with z = q @ r.
 
     The fast path is CholeskyQR2. When z is (nearly) rank deficient (the
-    Krylov space is nearly invariant, or the matrix has low rank), a
-    Householder QR of ``z + delta * noise``, orthogonalised once more against
-    the basis, with ``delta`` at rounding level: the random directions fill
-    the missing ones, orthogonal to the basis, and ``r`` changes only by
-    rounding.
+    Krylov space is nearly invariant, or the matrix has low rank), its tiny
+    directions are rounding noise with components along the basis: a
+    Householder QR first makes every column unit length, those are
+    orthogonalised against the basis (twice), orthonormalised again, and
+    ``r = q^T z`` is re-triangularised (z lies in the span of q).
     """
     q, r, ok = _cholqr2(z)
 
     def robust(_):
-        eps = jnp.finfo(z.dtype).eps
-        delta = jnp.maximum(eps * z0_norm, jnp.sqrt(jnp.finfo(z.dtype).tiny))
-        # One more pass on the sum also removes the rounding-level basis
-        # components of z, which are large relative to its tiny directions.
-        zp = _orthogonalize_against(z + (delta / jnp.sqrt(z.shape[0])) * noise, basis, j)
-        qq, rr = jnp.linalg.qr(zp)
-        return qq, rr
+        q1, _ = jnp.linalg.qr(z)
+        q1 = _orthogonalize_against(_orthogonalize_against(q1, basis, j), basis, j)
+        q2, _ = jnp.linalg.qr(q1)
+        o, u = jnp.linalg.qr(q2.T @ z)  # z = q2 (q2^T z) = (q2 o) u
+        return q2 @ o, u
 
     return jax.lax.cond(ok, lambda _: (q, r), robust, None)
 
@@ -371,13 +367,12 @@ def _krylov_start(q0: jax.Array, *, num_blocks: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "m", "n"), donate_argnames=("basis",))
-def _krylov_step(op, basis: jax.Array, noise: jax.Array, j: jax.Array, *, transpose: bool, m: int, n: int):
+def _krylov_step(op, basis: jax.Array, j: jax.Array, *, transpose: bool, m: int, n: int):
     """One block Lanczos step on ``G = A^T A`` with full reorthogonalisation.
 
     Args:
         op: the matrix: a dense (R, V) array or a :class:`_SparseOp`.
         basis: (num_blocks, n, b) orthonormal blocks; blocks 0..j are filled.
-        noise: (n, b) fixed random block, used only on (near) breakdown.
         j: the current block (int32 scalar, traced: one compilation for all j).
         transpose: dense only: ``A = op.T`` instead of ``op``.
         m: rows of A (the large side).
@@ -399,7 +394,7 @@ def _krylov_step(op, basis: jax.Array, noise: jax.Array, j: jax.Array, *, transp
     z0_norms = jnp.linalg.norm(z0, axis=0)
     shrunk = jnp.any(jnp.linalg.norm(z, axis=0) <= _REORTH_RATIO * z0_norms)
     z = jax.lax.cond(shrunk, lambda z: _orthogonalize_against(z, basis, j), lambda z: z, z)
-    qn, r = _next_block(z, jnp.max(z0_norms), noise, basis, j)
+    qn, r = _next_block(z, basis, j)
     return basis.at[j + 1].set(qn), a, r
 
 
@@ -513,11 +508,9 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
     dtype = np.dtype(mat.csr.dtype if isinstance(mat, _Sparse) else mat.dtype)
     block, steps = _plan(n, rank, oversample, n_iter, dtype.itemsize)
     op = _sparse_op(mat, transpose) if isinstance(mat, _Sparse) else mat
-    # The start block and the breakdown noise come from the host generator
-    # seeded by the key: deterministic, and nothing random to compile.
-    rng = np.random.default_rng(_key_seed(key))
-    q0, _ = np.linalg.qr(rng.standard_normal((n, block)))
-    noise = jnp.asarray(rng.standard_normal((n, block)), dtype)
+    # The start block comes from numpy's generator seeded by the key:
+    # deterministic, and nothing random to compile.
+    q0, _ = np.linalg.qr(np.random.default_rng(_key_seed(key)).standard_normal((n, block)))
     basis = _krylov_start(jnp.asarray(q0, dtype), num_blocks=steps + 1)
     kw = dict(transpose=transpose, m=m, n=n)
     diag: list[np.ndarray] = []
@@ -525,7 +518,7 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
     if n_iter is not None:
         blocks = []
         for j in range(steps):
-            basis, a, r = _krylov_step(op, basis, noise, jnp.int32(j), **kw)
+            basis, a, r = _krylov_step(op, basis, jnp.int32(j), **kw)
             blocks.append((a, r))
         diag = [np.asarray(a, np.float64) for a, _ in blocks]
         sub = [np.asarray(r, np.float64) for _, r in blocks]
@@ -535,11 +528,11 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
         # (already computed) step j+1 as a free extra block.
         history: list[np.ndarray] = []
         converged = False
-        basis, a, r = _krylov_step(op, basis, noise, jnp.int32(0), **kw)
+        basis, a, r = _krylov_step(op, basis, jnp.int32(0), **kw)
         for j in range(steps):
             nxt = None
             if j + 1 < steps:
-                basis, a1, r1 = _krylov_step(op, basis, noise, jnp.int32(j + 1), **kw)
+                basis, a1, r1 = _krylov_step(op, basis, jnp.int32(j + 1), **kw)
                 nxt = (a1, r1)
             diag.append(np.asarray(a, np.float64))
             sub.append(np.asarray(r, np.float64))

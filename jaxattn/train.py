@@ -204,9 +204,9 @@ def kl_loss(
     attn = forward_batch(params, batch.tokens, config, **kw).attn  # [B, L, H, T, T]
     L, H = pair_index.shape
     B, T = batch.tokens.shape
-    idx = jnp.asarray(pair_index.reshape(-1))
-    exp = batch.expected[idx].reshape(L * H * B, T, T)
-    msk = batch.mask[idx].reshape(L * H * B, T, T)
+    idx = np.asarray(pair_index).reshape(-1)  # static: a gather with constant indices
+    exp = jnp.asarray(batch.expected)[idx].reshape(L * H * B, T, T)
+    msk = jnp.asarray(batch.mask)[idx].reshape(L * H * B, T, T)
     act = jnp.moveaxis(attn, 0, 2).reshape(L * H * B, T, T)
     # The metric kernel's own KL (ε=1e-10 in the logs); unused outputs are dead code under jit.
     q = jax.vmap(query_metrics)(exp, act, msk)

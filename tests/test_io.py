@@ -243,3 +243,29 @@ def test_metadata_is_checked_before_anything_is_written(tmp_path):
     with pytest.raises(JaxattnError, match="metadata is not JSON-able"):
         io.save_embeddings(bad, np.eye(3, dtype=np.float32), info={"f": object()})
     assert not bad.exists() or list(bad.iterdir()) == []
+
+
+def test_every_file_jaxattn_writes_goes_through_atomic_open():
+    """A static check: no direct writes (open for writing, write_text/bytes, np.save, savefig to a path)."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(jaxattn.__file__).parent
+    direct = re.compile(
+        "|".join(
+            (
+                r"""\bopen\([^)]*["'][wax]b?\+?["']""",  # open(path, "w")
+                r"\.write_(text|bytes)\(",
+                r"\bnp\.save(z|txt)?\(",
+                r"savefig\((?!f\b)",  # savefig(path) rather than into an atomic file f
+                r"\bjson\.dump\((?![^,]*, f\b)",
+            )
+        )
+    )
+    offenders = [
+        f"{p.name}:{i}: {line.strip()}"
+        for p in sorted(pkg.glob("*.py"))
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if direct.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert not offenders, "write these with jaxattn.report.atomic_open:\n" + "\n".join(offenders)

@@ -120,6 +120,9 @@ def test_option1_uses_ppmi_embeddings_under_the_seed_derivation(markov):
     assert res.option == "option1" and len(res.records) == prep.config.num_layers * prep.config.num_heads
     for name in ("wq", "wk"):  # the seed's std-0.01 rescaling is kept
         assert abs(float(np.asarray(res.params[name][0]).std()) - 0.01) < 1e-5
+    err = res.extra["layer0_circuit_error"]
+    assert set(err["ppmi"]) == set(err["random"]) == {"1,0", "1,1", "1,2", "1,3"}
+    assert all(0 <= v < 1 for v in err["random"].values())
 
 
 # --------------------------------------------------------------------------- Option 2
@@ -277,3 +280,19 @@ def test_bad_options_are_refused(markov):
         options.PPMIConfig(alpha=1.5)
     with pytest.raises(JaxattnError, match="floor=0"):
         options.direct_tables(prep.tables, prep.pairs, 0.0)
+
+
+@pytest.mark.slow
+def test_greedy_order_and_leave_one_out(markov):
+    prep, _ = markov
+    order, tried = options.greedy_order(prep, progress=False)
+    fields = [f for f, _, _ in options.ABLATION_STEPS]
+    assert sorted(order) == sorted(fields)
+    assert order.index("embed_stream") < order.index("ngram_queries")
+    for rnd, pick in enumerate(order):  # each round kept its best candidate
+        cands = [t for t in tried if t["round"] == rnd]
+        best = max(cands, key=lambda t: t["cosine_mean"] + t["argmax_match_tied_mean"])
+        assert best["candidate"] == pick
+    loo = options.leave_one_out(prep, progress=False)
+    assert len(loo) == len(fields) + 1 and loo[0]["config"] == dataclasses.asdict(options.OPTION3)
+    assert all(r["cosine_mean"] <= loo[0]["cosine_mean"] + 1e-3 for r in loo[1:])

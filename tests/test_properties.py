@@ -336,3 +336,42 @@ def test_sharded_path_equals_single_device_on_random_inputs():
         [sys.executable, "-c", SHARDED_PROPERTY], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------- #
+# Shape annotations: checked in tests, and numpy and jax arrays both accepted
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.skipif(os.environ.get("JAXATTN_TYPECHECK") == "0", reason="type checking switched off")
+def test_shape_annotations_are_checked_at_run_time_in_tests():
+    import jaxtyping
+
+    tokens = np.array([0, 1, 2, 0, 1], np.int32)
+    with pytest.raises(jaxtyping.TypeCheckError, match="tokens"):
+        jaxattn.count_matrix(tokens[None, :], 1, 0, 3)  # [1, N], not [N]
+    E = np.ones((3, 4), np.float32)
+    cm = jaxattn.count_matrix(tokens, 1, 0, 3)
+    with pytest.raises(jaxtyping.TypeCheckError, match="E_n"):  # R=3 contexts but 2 embedding rows
+        jaxattn.derive_qk(np.ones((3, 3), np.float32), E[:2], E, 2)
+    with pytest.raises(jaxtyping.TypeCheckError):  # float tokens
+        jaxattn.expected_attention(cm, tokens.astype(np.float32))
+
+
+@pytest.mark.parametrize("xp", [np, jax.numpy], ids=["numpy", "jax"])
+def test_public_functions_accept_numpy_and_jax_arrays(xp):
+    tokens = np.array([0, 1, 2, 0, 1, 2, 2, 1, 0, 0, 1, 2], np.int32)
+    docs = np.array([0] * 6 + [1] * 6)
+    cm = jaxattn.count_matrix(xp.asarray(tokens), 1, 0, 3, doc_ids=xp.asarray(docs))
+    seqs = jaxattn.sample_sequences(xp.asarray(tokens), xp.asarray(docs), 4, 2, jax.random.PRNGKey(0))
+    expected, mask = jaxattn.expected_attention(cm, xp.asarray(seqs))
+    m = jaxattn.alignment_metrics(xp.asarray(expected), xp.asarray(expected), xp.asarray(mask))
+    assert np.all(np.asarray(m["cosine"])[np.asarray(m["num_queries"]) > 0] > 0.999)
+    M = xp.asarray(np.asarray(jaxattn.manifold_matrix(cm)))
+    E = xp.asarray(np.eye(3, 4, dtype=np.float32))
+    wq, wk = jaxattn.derive_qk(M, E, E, 2)
+    assert wq.shape == wk.shape == (4, 2)
+    assert np.asarray(jaxattn.ngram_embeddings(E, xp.asarray(cm.contexts))).shape == (3, 4)
+    assert np.asarray(jaxattn.normalize_std(xp.asarray(np.arange(6.0, dtype=np.float32)), 0.5)).std() == pytest.approx(
+        0.5
+    )
