@@ -23,11 +23,12 @@ seed W_V/W_O, the random MLP), but attention reads its queries and keys through 
 the query's n-gram ``g_i`` in a per-n table (its longest observed suffix when ``g_i`` was
 never counted). Why: from layer 1 on, ``LN(x)`` is mostly the random MLP's output (measured
 at the seed preset on Shakespeare: its cosine with ``LN(E[t])`` is 0.27 at layer 1 and 0.24
-by layer 11), and a token-only query cannot tell apart the bigrams that end in one token. With these inputs ``W_Q = pinv(X_q) A`` and
-``W_K = pinv(X_k) B`` are exact, so ``q_i . k_j / sqrt(K) = tau (A B^T)[g_i, t_j]``, the
-rank-K, frequency-weighted approximation of the row-centred ``log P~``, whose row softmax
-over the keys present is the expected attention; so tau, fitted on the count corpus, should
-come out near 1 (it does: 1.000-1.001 at the seed preset).
+by layer 11), and a token-only query cannot tell apart the bigrams that end in one token.
+With these inputs ``W_Q = pinv(X_q) A`` and ``W_K = pinv(X_k) B`` are exact, so
+``q_i . k_j / sqrt(K) = tau (A B^T)[g_i, t_j]``, the rank-K, frequency-weighted approximation
+of the row-centred ``log P~``, whose row softmax over the keys present is the expected
+attention; so tau, fitted on the count corpus, should come out near 1 (it does: 1.000-1.001
+at the seed preset).
 
 Axis vocabulary: B sequences, L layers, H heads, T/S positions, D d_model, K d_head,
 V vocabulary, R observed contexts of one table, P distinct (n, s) tables, F concatenated

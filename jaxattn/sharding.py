@@ -105,7 +105,9 @@ def _dense_fn(mesh: Mesh, n: int, s: int, vocab_size: int, chunk: int) -> Any:
             key = jnp.where(valid, key, nbins)  # invalid windows land in a dump bin
             return acc.at[key].add(1, mode="promise_in_bounds")
 
-        counts = jax.lax.fori_loop(0, chunk // piece, body, jnp.zeros(nbins + 1, jnp.int32))[:nbins]
+        # The carry varies across devices (shard_map's type check): start from a device-varying zero.
+        acc0 = jax.lax.pcast(jnp.zeros(nbins + 1, jnp.int32), axes, to="varying")
+        counts = jax.lax.fori_loop(0, chunk // piece, body, acc0)[:nbins]
         return jax.lax.psum(counts, axes)  # int32 sums: exact and order-independent
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())

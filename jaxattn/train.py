@@ -5,9 +5,11 @@ Adam; W_Q, W_K, W_V, W_O, the MLP and the LayerNorms are frozen with ``optax.mul
 and ``optax.set_to_zero()`` and checked bit-identical after training.
 
 Objectives:
-    "kl": KL(expected || actual) pooled over every layer, head and valid query, where the
-        expected attention comes from the count tables on sequences drawn from the COUNT corpus
-        (never the evaluation corpus). The per-query KL is :func:`jaxattn.alignment.query_metrics`.
+    "kl": KL(expected || actual) averaged over the valid queries of every layer and head, where
+        the expected attention comes from the count tables on sequences drawn from the COUNT
+        corpus (never the evaluation corpus). The per-query KL is
+        :func:`jaxattn.alignment.query_metrics`. Heads are weighted per ``TrainConfig.balance``:
+        by default each distinct (n, s) table counts once (see :func:`head_weights`).
     "ce": next-token cross-entropy of the model's (tied) logits on the same sequences.
 
 Axis vocabulary: B sequences, L layers, H heads, T/S positions, D d_model, K d_head,
@@ -61,8 +63,9 @@ class TrainConfig:
         train_ngram: also train n-gram query-embedding leaves (``params`` keys starting with
             "ngram") when a derivation adds them; the seed model folds E^n into W_Q, so for it
             only E exists and this changes nothing (recorded in the result).
-        eval_every: held-out alignment every this many steps (and at the first and last step).
-        seed: seed of the training PRNG keys (batches).
+        eval_every: held-out alignment every this many steps (and before the first and after the
+            last step).
+        seed: folded into the training PRNG key of :func:`run_option4` (which batches are drawn).
         warmup_steps: linear warm-up steps of the learning rate.
         lr_final_frac: final learning rate as a fraction of the peak.
         grad_clip: global-norm gradient clipping (None: off).
@@ -210,8 +213,8 @@ def kl_loss(
     act = jnp.moveaxis(attn, 0, 2).reshape(L * H * B, T, T)
     # The metric kernel's own KL (ε=1e-10 in the logs); unused outputs are dead code under jit.
     q = jax.vmap(query_metrics)(exp, act, msk)
-    w = np.ones(L * H, np.float32) if weights is None else np.asarray(weights, np.float32).reshape(-1)
-    w = jnp.asarray(np.repeat(w, B))[:, None]  # [L*H*B, 1], same order as the flattening above
+    w = jnp.ones(L * H, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32).reshape(-1)
+    w = jnp.repeat(w, B)[:, None]  # [L*H*B, 1], same order as the flattening above
     denom = jnp.sum(w * q["valid"])
     return jnp.sum(w * q["kl"]) / jnp.where(denom > 0, denom, 1.0)
 
@@ -408,6 +411,7 @@ def score_scale(params: Params, config: ModelConfig, attn: np.ndarray | None = N
         with np.errstate(divide="ignore"):
             la = np.where(causal, np.log(np.where(causal, a, 1.0)), np.nan)
         rng = np.nanmax(la, -1) - np.nanmin(la, -1)  # [B, L, H, T]
+        # A probability that underflowed to 0 has no finite logit: such rows are left out.
         rng = np.where(np.isfinite(rng), rng, np.nan)[..., rows]
         out["logit_range_mean"] = np.nanmean(rng, axis=(0, 2, 3)).tolist()
         out["logit_range_max"] = np.nanmax(rng, axis=(0, 2, 3)).tolist()

@@ -163,7 +163,7 @@ def test_jax_array_input():
     assert all(same_matrix(a[p], b[p]) for p in a)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     data=st.lists(st.integers(0, 3), min_size=1, max_size=60),
     cuts=st.lists(st.integers(1, 59), max_size=8),

@@ -85,10 +85,10 @@ def test_kl_loss_matches_float64_reference(prep, base_params):
     toks = sample_training_tokens(prep, dataclasses.replace(CFG, steps=1), jax.random.PRNGKey(0))[0]
     batch = make_batch(prep, toks, "kl", pairs)
     attn = np.asarray(forward_batch(base_params, jnp.asarray(toks), prep.config).attn)
+    fast = jax.jit(lambda p, b, w: kl_loss(p, b, prep.config, pair_index, weights=w))  # one compile, two weightings
     for balance in ("queries", "tables"):
         w = head_weights(pair_index, balance)
-        fast = jax.jit(lambda p, b, w=w: kl_loss(p, b, prep.config, pair_index, weights=w))
-        got = float(fast(base_params, batch))
+        got = float(fast(base_params, batch, w))
         want = numpy_kl_loss(batch.expected, batch.mask, attn, pair_index, w)
         np.testing.assert_allclose(got, want, rtol=2e-4)
 
@@ -246,6 +246,22 @@ def test_score_bound_holds(prep, base_params):
     attn = pipeline.batched_attention(prep, base_params, progress=False)
     sc2 = score_scale(base_params, prep.config, attn)
     assert np.all(np.asarray(sc2["logit_range_max"]) <= 2 * np.asarray(sc2["score_bound"]) + 1e-4)
+
+
+def test_labels_agree_with_the_nnx_module(base_params):
+    """The optax label pytree trains exactly what DerivedTransformer marks nnx.Param (E); the rest is FrozenWeight."""
+    from flax import nnx
+
+    from jaxattn.model import DerivedTransformer, FrozenWeight
+
+    model = DerivedTransformer(base_params, None)
+    params_state = nnx.state(model, nnx.Param)
+    frozen_state = nnx.state(model, FrozenWeight)
+    assert len(jax.tree.leaves(params_state)) == 1
+    assert np.array_equal(np.asarray(jax.tree.leaves(params_state)[0]), np.asarray(base_params["embed"]))
+    labels = trainable_labels(base_params)
+    assert [k for k, v in labels.items() if v == "train"] == ["embed"]
+    assert len(jax.tree.leaves(frozen_state)) == sum(v == "freeze" for v in labels.values())
 
 
 def test_config_validation():
