@@ -298,10 +298,11 @@ def _sign_fix(u: jax.Array, s: jax.Array, vt: jax.Array):
     return u * sign[None, :], s, vt * sign[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
-def _exact_svd(a: jax.Array, *, rank: int):
+@jax.jit
+def _exact_svd(a: jax.Array):
+    """Full thin SVD with the sign convention (one compilation per shape, any rank)."""
     u, s, vt = jnp.linalg.svd(a, full_matrices=False)
-    return _sign_fix(u[:, :rank], s[:rank], vt[:rank])
+    return _sign_fix(u, s, vt)
 
 
 # ---------------------------------------------------------------------------
@@ -338,26 +339,25 @@ def _orthogonalize_against(z: jax.Array, basis: jax.Array, j: jax.Array) -> jax.
     return jax.lax.fori_loop(0, j + 1, body, z)
 
 
-def _next_block(z: jax.Array, basis: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Orthonormal q (n, b), orthogonal to the basis, and upper-triangular r with z = q @ r.
+@functools.partial(jax.jit, donate_argnames=("basis",))
+def _repair_block(basis: jax.Array, z: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Block j+1 and r for a (nearly) rank-deficient residual z (n, b).
 
-    The fast path is CholeskyQR2. When z is (nearly) rank deficient (the
-    Krylov space is nearly invariant, or the matrix has low rank), its tiny
-    directions are rounding noise with components along the basis: a
-    Householder QR first makes every column unit length, those are
-    orthogonalised against the basis (twice), orthonormalised again, and
-    ``r = q^T z`` is re-triangularised (z lies in the span of q).
+    Used when CholeskyQR2 cannot be trusted: the Krylov space is nearly
+    invariant, or the matrix has low rank. The tiny directions of z are then
+    rounding noise with components along the basis, so a Householder QR
+    first makes every column unit length, those are orthogonalised against
+    the basis (twice) and orthonormalised again, and ``r = q^T z`` is
+    re-triangularised (z lies in the span of q). Compiled only when needed.
+
+    Returns:
+        The basis with block j+1 replaced, and r (b, b) upper triangular.
     """
-    q, r, ok = _cholqr2(z)
-
-    def robust(_):
-        q1, _ = jnp.linalg.qr(z)
-        q1 = _orthogonalize_against(_orthogonalize_against(q1, basis, j), basis, j)
-        q2, _ = jnp.linalg.qr(q1)
-        o, u = jnp.linalg.qr(q2.T @ z)  # z = q2 (q2^T z) = (q2 o) u
-        return q2 @ o, u
-
-    return jax.lax.cond(ok, lambda _: (q, r), robust, None)
+    q1, _ = jnp.linalg.qr(z)
+    q1 = _orthogonalize_against(_orthogonalize_against(q1, basis, j), basis, j)
+    q2, _ = jnp.linalg.qr(q1)
+    o, u = jnp.linalg.qr(q2.T @ z)  # z = q2 (q2^T z) = (q2 o) u
+    return basis.at[j + 1].set(q2 @ o), u
 
 
 @functools.partial(jax.jit, static_argnames=("num_blocks",))
@@ -380,8 +380,10 @@ def _krylov_step(op, basis: jax.Array, j: jax.Array, *, transpose: bool, m: int,
 
     Returns:
         The basis with block j+1 filled; ``a`` (b, b), the diagonal block j of
-        the block-tridiagonal projection ``T = Q^T G Q``; and ``r`` (b, b),
-        upper triangular, its block (j+1, j).
+        the block-tridiagonal projection ``T = Q^T G Q``; ``r`` (b, b), upper
+        triangular, its block (j+1, j); the residual ``z`` (n, b) = block j+1
+        @ r; and ``ok``, False when z was too ill-conditioned for CholeskyQR2
+        (then :func:`_repair_block` must redo block j+1 and r).
     """
     q = basis[j]
     z0 = _apply_t(op, _apply(op, q, transpose, m, n), transpose, m, n)
@@ -391,11 +393,10 @@ def _krylov_step(op, basis: jax.Array, j: jax.Array, *, transpose: bool, m: int,
     # "Twice is enough": when a column lost most of its norm, one pass leaves
     # rounding-level components along the basis that are large relative to
     # what remains; a second pass removes them.
-    z0_norms = jnp.linalg.norm(z0, axis=0)
-    shrunk = jnp.any(jnp.linalg.norm(z, axis=0) <= _REORTH_RATIO * z0_norms)
+    shrunk = jnp.any(jnp.linalg.norm(z, axis=0) <= _REORTH_RATIO * jnp.linalg.norm(z0, axis=0))
     z = jax.lax.cond(shrunk, lambda z: _orthogonalize_against(z, basis, j), lambda z: z, z)
-    qn, r = _next_block(z, basis, j)
-    return basis.at[j + 1].set(qn), a, r
+    qn, r, ok = _cholqr2(z)
+    return basis.at[j + 1].set(qn), a, r, z, ok
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "m", "n"))
@@ -422,20 +423,25 @@ def _krylov_finish(op, basis: jax.Array, w: jax.Array, used: jax.Array, *, trans
     order = jnp.argsort(-s)
     s, x, y = s[order], x[:, order], y[:, order]
     y = y / jnp.where(s > 0, s, 1)[None, :]
-
-    def complete(y):
-        # Numerically zero singular values leave y columns that are rounding
-        # noise: replace them by an orthonormal completion (QR keeps the
-        # other, already orthonormal columns up to rounding and sign).
-        qy, ry = jnp.linalg.qr(y)
-        sgn = jnp.where(jnp.diagonal(ry) < 0, -1, 1).astype(y.dtype)
-        return qy * sgn[None, :]
-
-    tiny = s[-1] <= _TINY_SIGMA * s[0]
-    y = jax.lax.cond(tiny, complete, lambda y: y, y)
     if transpose:  # M = A^T = x s y^T
         return _sign_fix(x, s, y.T)
     return _sign_fix(y, s, x.T)
+
+
+@functools.partial(jax.jit, static_argnames=("left",))
+def _complete(u: jax.Array, s: jax.Array, vt: jax.Array, *, left: bool):
+    """Orthonormal completion of the big-side vectors of zero singular values.
+
+    Numerically zero singular values leave big-side vectors (``A x / s``)
+    that are rounding noise: a QR replaces them by an orthonormal completion
+    and keeps the other, already orthonormal, columns up to rounding and
+    sign. ``left`` says whether the big side is U (else Vt). Compiled only
+    when needed.
+    """
+    y = u if left else vt.T
+    qy, ry = jnp.linalg.qr(y)
+    y = qy * jnp.where(jnp.diagonal(ry) < 0, -1, 1).astype(y.dtype)[None, :]
+    return _sign_fix(y, s, vt) if left else _sign_fix(u, s, y.T)
 
 
 def _band(diag: list[np.ndarray], sub: list[np.ndarray]) -> np.ndarray:
@@ -487,87 +493,100 @@ def _converged(history: list[np.ndarray], tol: float) -> bool:
     return bool(np.max((cur - prev) / scale) <= tol and np.max((prev - prev2) / scale) <= tol)
 
 
-def _plan(n: int, rank: int, oversample: int, n_iter: int | None, itemsize: int) -> tuple[int, int]:
-    """Krylov block width and maximum number of Lanczos steps."""
+def _plan(n: int, rank: int, oversample: int, itemsize: int) -> tuple[int, int]:
+    """Krylov block width and the largest number of Lanczos steps."""
     block = min(rank + oversample, n)
     # T uses at most n // block blocks (all of them orthonormal); the buffer
     # holds one more, the last residual block; keep it under ~1 GiB.
     by_dim = n // block
     by_mem = (1 << 30) // max(1, n * block * itemsize) - 1
-    cap = max(1, min(by_dim, by_mem))
-    if n_iter is not None:
-        return block, max(1, min(int(n_iter), cap))
-    return block, max(1, min(_MAX_BLOCKS, cap))
+    return block, max(1, min(_MAX_BLOCKS, by_dim, by_mem))
 
 
 def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
-    """Block Lanczos SVD; returns (U (R, rank), S (rank,), Vt (rank, V)), signed."""
+    """Block Lanczos SVD; returns the signed (U (R, rank), S (rank,), Vt (rank, V))."""
     R, V = shape
     transpose = V > R  # A = M (V <= R) or M.T, so that A is (m, n) with n <= m
     m, n = (V, R) if transpose else (R, V)
     dtype = np.dtype(mat.csr.dtype if isinstance(mat, _Sparse) else mat.dtype)
-    block, steps = _plan(n, rank, oversample, n_iter, dtype.itemsize)
+    block, cap = _plan(n, rank, oversample, dtype.itemsize)
+    steps = cap if n_iter is None else max(1, min(int(n_iter), cap))
     op = _sparse_op(mat, transpose) if isinstance(mat, _Sparse) else mat
     # The start block comes from numpy's generator seeded by the key:
     # deterministic, and nothing random to compile.
     q0, _ = np.linalg.qr(np.random.default_rng(_key_seed(key)).standard_normal((n, block)))
-    basis = _krylov_start(jnp.asarray(q0, dtype), num_blocks=steps + 1)
+    # The buffer size depends on the shapes only (not on n_iter): one compilation.
+    basis = _krylov_start(jnp.asarray(q0, dtype), num_blocks=cap + 1)
     kw = dict(transpose=transpose, m=m, n=n)
+
+    def launch(basis, j):
+        return _krylov_step(op, basis, jnp.int32(j), **kw)
+
     diag: list[np.ndarray] = []
     sub: list[np.ndarray] = []
-    if n_iter is not None:
-        blocks = []
-        for j in range(steps):
-            basis, a, r = _krylov_step(op, basis, jnp.int32(j), **kw)
-            blocks.append((a, r))
-        diag = [np.asarray(a, np.float64) for a, _ in blocks]
-        sub = [np.asarray(r, np.float64) for _, r in blocks]
-    else:
-        # Pipelined: step j+1 runs on the device while the host computes the
-        # Ritz values of step j; the stopping test on step j then keeps the
-        # (already computed) step j+1 as a free extra block.
-        history: list[np.ndarray] = []
-        converged = False
-        basis, a, r = _krylov_step(op, basis, jnp.int32(0), **kw)
-        for j in range(steps):
-            nxt = None
-            if j + 1 < steps:
-                basis, a1, r1 = _krylov_step(op, basis, jnp.int32(j + 1), **kw)
-                nxt = (a1, r1)
-            diag.append(np.asarray(a, np.float64))
-            sub.append(np.asarray(r, np.float64))
-            if nxt is None:
-                break
-            history.append(_ritz_values(diag, sub, rank))
-            a, r = nxt
-            if _converged(history, tol):
-                converged = True
+    history: list[np.ndarray] = []
+    converged = False
+    repairs = 0
+    # Pipelined: step j+1 is launched before the host reads step j, so the
+    # device works while the host computes Ritz values; when the test on
+    # step j says stop, the (already computed) step j+1 is kept as a free
+    # extra block.
+    basis, a, r, z, ok = launch(basis, 0)
+    j = 0
+    while True:
+        nxt = launch(basis, j + 1) if j + 1 < steps else None
+        if nxt is not None:
+            basis = nxt[0]
+        if not bool(ok):
+            # Redo block j+1; the speculative step j+1 used the bad block.
+            repairs += 1
+            basis, r = _repair_block(basis, z, jnp.int32(j))
+            nxt = launch(basis, j + 1) if j + 1 < steps else None
+            if nxt is not None:
+                basis = nxt[0]
+        diag.append(np.asarray(a, np.float64))
+        sub.append(np.asarray(r, np.float64))
+        if nxt is None:
+            break
+        _, a, r, z, ok = nxt
+        j += 1
+        if n_iter is not None:
+            continue
+        history.append(_ritz_values(diag, sub, rank))
+        if _converged(history, tol):
+            converged = True
+            if bool(ok):  # keep the extra block when it is sound
                 diag.append(np.asarray(a, np.float64))
                 sub.append(np.asarray(r, np.float64))
-                break
-        if not converged and len(diag) * block < n:
-            warnings.warn(
-                f"truncated_svd: the singular values did not settle to tol={tol:g} within the "
-                f"Krylov space limit of {steps} blocks of {block} (min(R, V) = {n}); the result "
-                "may be less accurate. method='exact' is exact for matrices that fit in memory.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            break
+    if n_iter is None and not converged and len(diag) * block < n:
+        warnings.warn(
+            f"truncated_svd: the singular values did not settle to tol={tol:g} within the "
+            f"Krylov space limit of {steps} blocks of {block} (min(R, V) = {n}); the result "
+            "may be less accurate. method='exact' is exact for matrices that fit in memory.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     used = len(diag)
+    vec = _ritz_vectors(diag, sub, rank)
+    w = np.zeros((cap + 1, block, rank), dtype)
+    w[:used] = vec.reshape(used, block, rank)
+    u, s, vt = _krylov_finish(op, basis, jnp.asarray(w), jnp.int32(used), **kw)
+    s_host = np.asarray(s)
+    if s_host[-1] <= _TINY_SIGMA * s_host[0]:
+        u, s, vt = _complete(u, s, vt, left=not transpose)
     _LAST_INFO.clear()
     _LAST_INFO.update(
         method="randomized",
         block=block,
         blocks_used=used,
         max_blocks=steps,
+        repairs=repairs,
         small_side="rows" if transpose else "cols",
     )
     if isinstance(op, _SparseOp):
         _LAST_INFO.update(ell_widths=(op.fwd.idx.shape[1], op.adj.idx.shape[1]))
-    vec = _ritz_vectors(diag, sub, rank)
-    w = np.zeros((steps + 1, block, rank), dtype)
-    w[:used] = vec.reshape(used, block, rank)
-    return _krylov_finish(op, basis, jnp.asarray(w), jnp.int32(used), **kw)
+    return u, s, vt
 
 
 def _key_seed(key: Any) -> list[int]:
@@ -658,7 +677,8 @@ def truncated_svd(
             mat = jnp.asarray(mat.csr.toarray())
         _LAST_INFO.clear()
         _LAST_INFO.update(method="exact")
-        return _exact_svd(mat, rank=rank)
+        u, s, vt = _exact_svd(mat)
+        return u[:, :rank], s[:rank], vt[:rank]
     if key is None:
         key = jax.random.PRNGKey(0)
     return _randomized_svd(mat, shape, rank, key, float(tol), int(oversample), n_iter)

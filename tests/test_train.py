@@ -248,13 +248,13 @@ def test_score_bound_holds(prep, base_params):
     assert np.all(np.asarray(sc2["logit_range_max"]) <= 2 * np.asarray(sc2["score_bound"]) + 1e-4)
 
 
-def test_labels_agree_with_the_nnx_module(base_params):
+def test_labels_agree_with_the_nnx_module(prep, base_params):
     """The optax label pytree trains exactly what DerivedTransformer marks nnx.Param (E); the rest is FrozenWeight."""
     from flax import nnx
 
     from jaxattn.model import DerivedTransformer, FrozenWeight
 
-    model = DerivedTransformer(base_params, None)
+    model = DerivedTransformer(base_params, prep.config)
     params_state = nnx.state(model, nnx.Param)
     frozen_state = nnx.state(model, FrozenWeight)
     assert len(jax.tree.leaves(params_state)) == 1
