@@ -601,6 +601,13 @@ def _key_seed(key: Any) -> list[int]:
 # ---------------------------------------------------------------------------
 
 
+def _auto_method(R: int, V: int) -> str:
+    """``"exact"`` for small matrices, ``"randomized"`` otherwise (see truncated_svd)."""
+    if min(R, V) <= AUTO_EXACT_MAX_MIN_DIM and R * V <= AUTO_EXACT_MAX_ELEMENTS:
+        return "exact"
+    return "randomized"
+
+
 def truncated_svd(
     M: Any,
     rank: int,
@@ -670,8 +677,7 @@ def truncated_svd(
         raise JaxattnError(f"truncated_svd: tol={tol!r} must be > 0")
     _check_finite(mat)
     if method == "auto":
-        small = min(R, V) <= AUTO_EXACT_MAX_MIN_DIM and R * V <= AUTO_EXACT_MAX_ELEMENTS
-        method = "exact" if small else "randomized"
+        method = _auto_method(R, V)
     if method == "exact":
         if isinstance(mat, _Sparse):
             mat = jnp.asarray(mat.csr.toarray())
