@@ -50,8 +50,12 @@ def _byte_count(text: str) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default=None, help="text file, directory or glob (default: Python stdlib docstrings)")
-    p.add_argument("--eval-corpus", default=None, help="text scored for alignment (default: a held-out split of --corpus)")
-    p.add_argument("--heldout", default=None, help="held-out split when no --eval-corpus: a document name or a fraction")
+    p.add_argument(
+        "--eval-corpus", default=None, help="text scored for alignment (default: a held-out split of --corpus)"
+    )
+    p.add_argument(
+        "--heldout", default=None, help="held-out split when no --eval-corpus: a document name or a fraction"
+    )
     p.add_argument("--tokenizer", choices=("char", "word"), default="char")
     p.add_argument("--max-vocab", type=_positive_int("--max-vocab"), default=None, help="word level: top-k plus <unk>")
     p.add_argument("--preset", default="seed", help="model preset: seed or small (default: seed)")
@@ -69,7 +73,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of every PRNG key (default 0)")
     p.add_argument(
-        "--max-dense-bytes", type=_byte_count, default=None, help="memory budget for dense arrays, bytes (default 4 GiB)"
+        "--max-dense-bytes",
+        type=_byte_count,
+        default=None,
+        help="memory budget for dense arrays, bytes (default 4 GiB)",
     )
     p.add_argument("--load", default=None, help="reuse count tables saved in this directory instead of counting")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -201,15 +208,23 @@ def save_artefacts(directory: str, prep: Any, result: Any, *, tables: bool = Tru
     return {"dir": str(directory), "kinds": kinds}
 
 
-def write_outputs(out: Path, prep: Any, results: list[Any], *, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> None:
+def write_outputs(
+    out: Path, prep: Any, results: list[Any], *, args: argparse.Namespace, extra: dict[str, Any] | None = None
+) -> None:
     """Prints the tables and writes metrics.json and the figures for one or more options."""
     from jaxattn import pipeline, report
 
     records = [r for res in results for r in res.records]
-    print(f"corpus: {prep.corpus.source}  ({prep.corpus.num_docs} docs, {prep.corpus.num_tokens:,} tokens, V={prep.corpus.vocab_size})")
-    print(f"eval:   {prep.eval_corpus.source}  ({prep.eval_corpus.num_tokens:,} tokens); {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens")
+    print(
+        f"corpus: {prep.corpus.source}  ({prep.corpus.num_docs} docs, {prep.corpus.num_tokens:,} tokens, V={prep.corpus.vocab_size})"
+    )
+    print(
+        f"eval:   {prep.eval_corpus.source}  ({prep.eval_corpus.num_tokens:,} tokens); {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens"
+    )
     c = prep.config
-    print(f"model:  preset {prep.run.preset}: {c.num_layers} layers x {c.num_heads} heads, d_model {c.d_model}, d_head {c.d_head}, max_n {c.max_n}, max_s {c.max_s}, weight_std {c.weight_std}")
+    print(
+        f"model:  preset {prep.run.preset}: {c.num_layers} layers x {c.num_heads} heads, d_model {c.d_model}, d_head {c.d_head}, max_n {c.max_n}, max_s {c.max_s}, weight_std {c.weight_std}"
+    )
     print()
     print(report.format_table(records))
     print()
@@ -222,7 +237,13 @@ def write_outputs(out: Path, prep: Any, results: list[Any], *, args: argparse.Na
         tok_strings = [vocab[t] for t in prep.tokens[0]]
         p = out / "expected_vs_actual_attention.png"
         report.plot_expected_vs_actual(
-            p, prep.expected, prep.mask, prep.pair_index, main_res.attn, main_res.records, tokens=tok_strings,
+            p,
+            prep.expected,
+            prep.mask,
+            prep.pair_index,
+            main_res.attn,
+            main_res.records,
+            tokens=tok_strings,
             title=f"{main_res.option}: expected (from counts) vs actual attention, first 32 positions of sequence 0; "
             "key j on x, query i on y; rows scaled to their max; blank = masked.\n"
             f"Panel metrics: all {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens.",

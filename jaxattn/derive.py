@@ -256,7 +256,9 @@ def derive_params(
     if embed is None:
         embed = base_embeddings(k_embed, config.vocab_size, config.d_model)
     table_weights = {}
-    for i, (n, s) in enumerate(sorted({config.layout(l, h) for l in range(config.num_layers) for h in range(config.num_heads)})):
+    for i, (n, s) in enumerate(
+        sorted({config.layout(l, h) for l in range(config.num_layers) for h in range(config.num_heads)})
+    ):
         table_weights[(n, s)] = derive_table_weights(
             tables[(n, s)], tables.get((n - 1, 0)), embed, config.d_head, key=jax.random.fold_in(k_svd, i)
         )

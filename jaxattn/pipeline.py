@@ -140,7 +140,9 @@ def load_split(
     else:
         heldout = run.heldout if (run.heldout is not None or corpus_path is not None) else BUILTIN_HELDOUT
         train_docs, eval_docs = split_heldout(docs, heldout)
-        eval_source = f"{source} (held out: {', '.join(d.name for d in eval_docs[:3])}{' ...' if len(eval_docs) > 3 else ''})"
+        eval_source = (
+            f"{source} (held out: {', '.join(d.name for d in eval_docs[:3])}{' ...' if len(eval_docs) > 3 else ''})"
+        )
     tok = build_tokenizer(train_docs, run.tokenizer, max_vocab=run.max_vocab)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

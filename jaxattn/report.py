@@ -302,7 +302,15 @@ def plot_metric_heatmaps(out: Path, records: list[dict[str, Any]], *, prefix: st
         for l in range(L):
             for h in range(H):
                 v = grid[l, h]
-                ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if (v - lo) < 0.5 * (hi - lo) else "k")
+                ax.text(
+                    h,
+                    l,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="w" if (v - lo) < 0.5 * (hi - lo) else "k",
+                )
         ax.set_xlabel("head (s = min(head, max_s))")
         ax.set_ylabel("layer (n = min(layer+1, max_n))")
         ax.set_xticks(range(H))
@@ -315,7 +323,9 @@ def plot_metric_heatmaps(out: Path, records: list[dict[str, Any]], *, prefix: st
     return paths
 
 
-def plot_embedding_similarity(path: Path, embed: np.ndarray, vocab: list[str] | None = None, max_tokens: int = 96) -> dict[str, float]:
+def plot_embedding_similarity(
+    path: Path, embed: np.ndarray, vocab: list[str] | None = None, max_tokens: int = 96
+) -> dict[str, float]:
     """Cosine-similarity matrix of the token embeddings, with off-diagonal statistics.
 
     Args:

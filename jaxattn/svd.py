@@ -31,10 +31,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import sparse as jsparse
 import numpy as np
 import scipy.linalg
 import scipy.sparse
+from jax.experimental import sparse as jsparse
 
 from jaxattn.errors import JaxattnError
 
@@ -120,9 +120,9 @@ def _coo_to_csr(rows, cols, values, shape) -> scipy.sparse.csr_array:
                 f"min {cols.min()}, max {cols.max()}"
             )
     dtype = _compute_dtype(values.dtype)
-    return scipy.sparse.csr_array(
-        (values.astype(dtype, copy=False), (rows, cols)), shape=shape
-    )
+    csr = scipy.sparse.csr_array((values.astype(dtype, copy=False), (rows, cols)), shape=shape)
+    csr.sum_duplicates()
+    return csr
 
 
 def _as_matrix(M: Any) -> tuple[jax.Array | _Sparse, tuple[int, int]]:
@@ -131,7 +131,9 @@ def _as_matrix(M: Any) -> tuple[jax.Array | _Sparse, tuple[int, int]]:
         shape = _check_shape(M.shape)
         csr = scipy.sparse.csr_array(M)
         csr = csr.astype(_compute_dtype(csr.dtype), copy=False)
-        csr.sum_duplicates()
+        if not csr.has_canonical_format:  # never reorder the caller's arrays in place
+            csr = csr.copy()
+            csr.sum_duplicates()
         return _Sparse(csr), shape
     if isinstance(M, jsparse.BCOO):
         shape = _check_shape(M.shape)
@@ -148,10 +150,7 @@ def _as_matrix(M: Any) -> tuple[jax.Array | _Sparse, tuple[int, int]]:
     if all(hasattr(M, a) for a in ("rows", "cols", "values", "shape")):
         shape = _check_shape(M.shape)
         return _Sparse(_coo_to_csr(M.rows, M.cols, M.values, shape)), shape
-    if hasattr(M, "shape") and hasattr(M, "dtype") and hasattr(M, "ndim"):
-        arr = M
-    else:
-        arr = np.asarray(M)
+    arr = M if isinstance(M, jax.Array) else np.asarray(M)
     if arr.ndim != 2:
         raise JaxattnError(
             f"truncated_svd: M must be 2-D (R, V); got shape {tuple(arr.shape)} "
@@ -162,18 +161,21 @@ def _as_matrix(M: Any) -> tuple[jax.Array | _Sparse, tuple[int, int]]:
         raise JaxattnError(f"truncated_svd: M has non-numeric dtype {arr.dtype}")
     if jnp.issubdtype(arr.dtype, jnp.complexfloating):
         raise JaxattnError(f"truncated_svd: complex M (dtype {arr.dtype}) is not supported")
+    if isinstance(arr, np.ndarray):
+        if not np.isfinite(arr).all():
+            raise JaxattnError("truncated_svd: M contains NaN or inf")
+    elif not bool(_all_finite(arr)):
+        raise JaxattnError("truncated_svd: M contains NaN or inf")
     return jnp.asarray(arr, dtype=_compute_dtype(arr.dtype)), shape
 
 
 def _check_finite(mat: jax.Array | _Sparse) -> None:
+    """Sparse values must be finite (dense inputs are checked in :func:`_as_matrix`)."""
     if isinstance(mat, _Sparse):
         data = mat.csr.data
         if not np.isfinite(data).all():
             bad = data[~np.isfinite(data)][0]
             raise JaxattnError(f"truncated_svd: M contains a non-finite value ({bad})")
-    else:
-        if not bool(_all_finite(mat)):
-            raise JaxattnError("truncated_svd: M contains NaN or inf")
 
 
 @jax.jit
@@ -537,13 +539,13 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
         nxt = launch(basis, j + 1) if j + 1 < steps else None
         if nxt is not None:
             basis = nxt[0]
-        if not bool(ok):
-            # Redo block j+1; the speculative step j+1 used the bad block.
+        if nxt is not None and not bool(ok):
+            # Redo block j+1 (not needed after the last step, whose residual
+            # block is not used); the speculative step j+1 used the bad block.
             repairs += 1
             basis, r = _repair_block(basis, z, jnp.int32(j))
-            nxt = launch(basis, j + 1) if j + 1 < steps else None
-            if nxt is not None:
-                basis = nxt[0]
+            nxt = launch(basis, j + 1)
+            basis = nxt[0]
         diag.append(np.asarray(a, np.float64))
         sub.append(np.asarray(r, np.float64))
         if nxt is None:

@@ -39,7 +39,9 @@ def ref_sequence(e, a, m):
     if not rows:
         return dict(kl=0, cosine=0, argmax_match=0, argmax_match_tied=0, entropy=0, num_queries=0)
     arr = np.array(rows)
-    return dict(zip(["kl", "cosine", "argmax_match", "argmax_match_tied", "entropy"], arr.mean(0)), num_queries=len(rows))
+    return dict(
+        zip(["kl", "cosine", "argmax_match", "argmax_match_tied", "entropy"], arr.mean(0)), num_queries=len(rows)
+    )
 
 
 def random_case(key, lead, T):

@@ -45,7 +45,12 @@ def test_qk_circuit_reconstructs_manifold_with_orthonormal_embeddings(tables, n)
             E1 = orthonormal_embeddings(k1, V, R + V)
             En = orthonormal_embeddings(k2, R, R + V)
     WQ, WK = jaxattn.derive_qk(M.astype(np.float32), En, E1, r)
-    circuit = np.asarray(En, np.float64) @ np.asarray(WQ, np.float64) @ np.asarray(WK, np.float64).T @ np.asarray(E1, np.float64).T
+    circuit = (
+        np.asarray(En, np.float64)
+        @ np.asarray(WQ, np.float64)
+        @ np.asarray(WK, np.float64).T
+        @ np.asarray(E1, np.float64).T
+    )
     U, S, Vt = np_svd_signed(M, r)
     ref = (U * S) @ Vt
     np.testing.assert_allclose(circuit, ref, atol=2e-5 * np.abs(ref).max() + 1e-6)

@@ -55,7 +55,9 @@ def test_layers_match_unscanned_reference(small_model):
         outs = []
         probs_l = []
         for hd in range(cfg.num_heads):
-            o, p = attention_head(h, h, h, params["wq"][l, hd], params["wk"][l, hd], params["wv"][l, hd], params["wo"][l, hd])
+            o, p = attention_head(
+                h, h, h, params["wq"][l, hd], params["wk"][l, hd], params["wv"][l, hd], params["wo"][l, hd]
+            )
             outs.append(o)
             probs_l.append(p)
         x = x + sum(outs)
