@@ -55,7 +55,7 @@ DEFAULT_OVERSAMPLE = 8
 # Upper bound on the number of Krylov blocks when ``n_iter`` is None.
 _MAX_BLOCKS = 40
 # Second reorthogonalisation pass when a column keeps less than this of its norm.
-_REORTH_RATIO = 1e-2
+_REORTH_RATIO = 2e-3
 # Singular values below this fraction of the largest count as zero (their
 # big-side vectors are then completed by QR).
 _TINY_SIGMA = 1e-3
@@ -446,12 +446,11 @@ def _complete(u: jax.Array, s: jax.Array, vt: jax.Array, *, left: bool):
     return _sign_fix(y, s, vt) if left else _sign_fix(u, s, y.T)
 
 
-def _band(diag: list[np.ndarray], sub: list[np.ndarray]) -> np.ndarray:
-    """Lower band storage (b+1, k) of the block-tridiagonal T (float64)."""
+def _band(diag: list[np.ndarray], sub: list[np.ndarray], dtype: Any) -> np.ndarray:
+    """Lower band storage (b+1, k) of the block-tridiagonal T."""
     b = diag[0].shape[0]
     nb = len(diag)
-    k = nb * b
-    band = np.zeros((b + 1, k))
+    band = np.zeros((b + 1, nb * b), dtype)
     p, q = np.tril_indices(b)  # a[p, q], p >= q: offset p - q, column q
     for j, a in enumerate(diag):
         band[p - q, j * b + q] = a[p, q]
@@ -462,21 +461,24 @@ def _band(diag: list[np.ndarray], sub: list[np.ndarray]) -> np.ndarray:
 
 
 def _ritz_values(diag: list[np.ndarray], sub: list[np.ndarray], rank: int) -> np.ndarray:
-    """Top ``rank`` singular value estimates sqrt(eig(T)), descending (host)."""
-    band = _band(diag, sub)
+    """Top ``rank`` singular value estimates sqrt(eig(T)), descending (host, banded solver)."""
+    band = _band(diag, sub, diag[0].dtype)
     k = band.shape[1]
     lam = scipy.linalg.eigvals_banded(
         band, lower=True, select="i", select_range=(k - min(rank, k), k - 1), check_finite=False
     )
-    return np.sqrt(np.maximum(lam[::-1], 0.0))
+    return np.sqrt(np.maximum(lam[::-1].astype(np.float64), 0.0))
 
 
 def _ritz_vectors(diag: list[np.ndarray], sub: list[np.ndarray], rank: int) -> np.ndarray:
-    """Top ``rank`` eigenvectors (k, rank) of T, by descending eigenvalue."""
-    band = _band(diag, sub)
-    k = band.shape[1]
-    _, vec = scipy.linalg.eig_banded(
-        band, lower=True, select="i", select_range=(k - rank, k - 1), check_finite=False
+    """Top ``rank`` eigenvectors (k, rank) of T, by descending eigenvalue (host, dense MRRR)."""
+    band = _band(diag, sub, diag[0].dtype)
+    b1, k = band.shape
+    t = np.zeros((k, k), band.dtype)
+    for u in range(b1):
+        t[np.arange(u, k), np.arange(k - u)] = band[u, : k - u]
+    _, vec = scipy.linalg.eigh(
+        t, lower=True, subset_by_index=(k - rank, k - 1), driver="evr", check_finite=False
     )
     return vec[:, ::-1]
 
@@ -546,8 +548,8 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
             basis, r = _repair_block(basis, z, jnp.int32(j))
             nxt = launch(basis, j + 1)
             basis = nxt[0]
-        diag.append(np.asarray(a, np.float64))
-        sub.append(np.asarray(r, np.float64))
+        diag.append(np.asarray(a))
+        sub.append(np.asarray(r))
         if nxt is None:
             break
         _, a, r, z, ok = nxt
@@ -558,8 +560,8 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
         if _converged(history, tol):
             converged = True
             if bool(ok):  # keep the extra block when it is sound
-                diag.append(np.asarray(a, np.float64))
-                sub.append(np.asarray(r, np.float64))
+                diag.append(np.asarray(a))
+                sub.append(np.asarray(r))
             break
     if n_iter is None and not converged and len(diag) * block < n:
         warnings.warn(

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import jax
@@ -128,6 +129,13 @@ def runs(corpus_dir, tmp_path_factory):
     return {"first": first, "loaded": loaded, "eight": eight, "sharded": sharded, "stderr": err, "tmp": tmp}
 
 
+def quiet_load_split(corpus_dir: Path, run: pipeline.RunConfig):
+    """load_split without the (expected, already tested) not-UTF-8 warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return pipeline.load_split(str(corpus_dir), None, run, progress=False)
+
+
 def results_bytes(doc: dict) -> bytes:
     return json.dumps(doc["results"], allow_nan=False).encode()
 
@@ -146,7 +154,7 @@ def test_sharded_counts_and_metrics_equal_single_device(runs, corpus_dir):
         pytest.fail("sharded counting/metrics failed in the 8-device process:\n" + runs["sharded"]["error"])
     args = argv(corpus_dir, runs["tmp"] / "unused")
     run = cli.run_config_from_args(cli.build_parser().parse_args(args))
-    corpus, ev = pipeline.load_split(str(corpus_dir), None, run, progress=False)
+    corpus, ev = quiet_load_split(corpus_dir, run)
     prep = pipeline.prepare(corpus, ev, run, progress=False)
     tables = {
         f"{k}": hashlib.sha256(
@@ -166,7 +174,7 @@ def test_sharded_counts_and_metrics_equal_single_device(runs, corpus_dir):
 def test_the_seed_matters(runs, corpus_dir):
     """Identical results are not vacuous: another --seed draws other sequences and embeddings."""
     run = cli.run_config_from_args(cli.build_parser().parse_args(argv(corpus_dir, runs["tmp"] / "unused")))
-    corpus, ev = pipeline.load_split(str(corpus_dir), None, run, progress=False)
+    corpus, ev = quiet_load_split(corpus_dir, run)
     a = pipeline.prepare(corpus, ev, run, progress=False)
     b = pipeline.prepare(corpus, ev, dataclasses.replace(run, seed=run.seed + 1), progress=False)
     assert not np.array_equal(a.tokens, b.tokens)
@@ -218,7 +226,8 @@ def test_hostile_files_in_a_directory_are_handled_and_said_in_one_line(runs, cor
         f"jaxattn: warning: 1 file(s) in {corpus_dir} are not valid UTF-8 (first: b_latin1.txt); "
         "undecodable bytes were replaced by U+FFFD"
     ]
-    texts = {d.name: d.text for d in read_documents(corpus_dir, progress=False)}
+    with pytest.warns(UserWarning, match="not valid UTF-8"):
+        texts = {d.name: d.text for d in read_documents(corpus_dir, progress=False)}
     assert sorted(texts) == ["a_text.txt", "b_latin1.txt", "e_text.txt"]
     assert texts["b_latin1.txt"].startswith("Le seigneur \ufffdt\ufffd.")
     # Never a NaN: every metric is finite and in its range.
