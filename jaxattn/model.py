@@ -324,7 +324,7 @@ class DerivedTransformer(nnx.Module):
     attention weight, the MLP and the LayerNorms are :class:`FrozenWeight`.
     """
 
-    def __init__(self, params: Params, config: ModelConfig):
+    def __init__(self, params: Params, config: Any):  # ModelConfig; Any keeps NNX graph rebuilds unchecked
         self.config = config
         self.embed = nnx.Param(jnp.asarray(params["embed"]))
         self.frozen = nnx.data({k: FrozenWeight(jnp.asarray(v)) for k, v in params.items() if k != "embed"})

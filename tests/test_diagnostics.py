@@ -159,7 +159,9 @@ def test_score_statistics_match_a_float64_loop(run):
             sxy = sxx = syy = 0.0
             for b in range(B):
                 x = q_in[b, l].astype(np.float64)
-                s = (x @ np.asarray(params["wq"][l, h], np.float64)) @ (x @ np.asarray(params["wk"][l, h], np.float64)).T
+                s = (x @ np.asarray(params["wq"][l, h], np.float64)) @ (
+                    x @ np.asarray(params["wk"][l, h], np.float64)
+                ).T
                 s /= np.sqrt(K)
                 for i in range(T):
                     row = s[i, : i + 1]
