@@ -299,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         rows_out,
         list(rows_out[0].keys()),
-        title=f"truncated SVD, rank {rank}, {R} x {V}, nnz {M.nnz} ({device.platform}); "
-        f"reference: {ref_kind}",
+        title=f"truncated SVD, rank {rank}, {R} x {V}, nnz {M.nnz} ({device.platform}); reference: {ref_kind}",
     )
     summary = {"target_max_rel_err": args.target, "ours": []}
     print()

@@ -91,9 +91,7 @@ def _check_shape(shape: Any) -> tuple[int, int]:
     except TypeError as exc:
         raise JaxattnError(f"truncated_svd: M.shape={shape!r} is not a shape") from exc
     if len(shape) != 2:
-        raise JaxattnError(
-            f"truncated_svd: M must be 2-D (R, V); got shape {shape} with ndim={len(shape)}"
-        )
+        raise JaxattnError(f"truncated_svd: M must be 2-D (R, V); got shape {shape} with ndim={len(shape)}")
     if min(shape) < 1:
         raise JaxattnError(f"truncated_svd: M has an empty dimension, shape {shape}")
     return shape
@@ -111,13 +109,11 @@ def _coo_to_csr(rows, cols, values, shape) -> scipy.sparse.csr_array:
     if rows.size:
         if rows.min() < 0 or rows.max() >= shape[0]:
             raise JaxattnError(
-                f"truncated_svd: a row index is outside [0, {shape[0]}): "
-                f"min {rows.min()}, max {rows.max()}"
+                f"truncated_svd: a row index is outside [0, {shape[0]}): min {rows.min()}, max {rows.max()}"
             )
         if cols.min() < 0 or cols.max() >= shape[1]:
             raise JaxattnError(
-                f"truncated_svd: a column index is outside [0, {shape[1]}): "
-                f"min {cols.min()}, max {cols.max()}"
+                f"truncated_svd: a column index is outside [0, {shape[1]}): min {cols.min()}, max {cols.max()}"
             )
     dtype = _compute_dtype(values.dtype)
     csr = scipy.sparse.csr_array((values.astype(dtype, copy=False), (rows, cols)), shape=shape)
@@ -152,10 +148,7 @@ def _as_matrix(M: Any) -> tuple[jax.Array | _Sparse, tuple[int, int]]:
         return _Sparse(_coo_to_csr(M.rows, M.cols, M.values, shape)), shape
     arr = M if isinstance(M, jax.Array) else np.asarray(M)
     if arr.ndim != 2:
-        raise JaxattnError(
-            f"truncated_svd: M must be 2-D (R, V); got shape {tuple(arr.shape)} "
-            f"with ndim={arr.ndim}"
-        )
+        raise JaxattnError(f"truncated_svd: M must be 2-D (R, V); got shape {tuple(arr.shape)} with ndim={arr.ndim}")
     shape = _check_shape(arr.shape)
     if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == bool):
         raise JaxattnError(f"truncated_svd: M has non-numeric dtype {arr.dtype}")
@@ -325,8 +318,10 @@ def _cholqr2(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     q = q @ _inv_upper(r2)
     d = jnp.abs(jnp.diagonal(r1))
     # Trust it while cond(z) is well below 1/sqrt(eps) (where CholQR2 is stable).
-    ok = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(r2)) & (
-        jnp.min(d) > 16 * jnp.sqrt(jnp.finfo(z.dtype).eps) * jnp.max(d)
+    ok = (
+        jnp.all(jnp.isfinite(q))
+        & jnp.all(jnp.isfinite(r2))
+        & (jnp.min(d) > 16 * jnp.sqrt(jnp.finfo(z.dtype).eps) * jnp.max(d))
     )
     return q, r2 @ r1, ok
 
@@ -477,9 +472,7 @@ def _ritz_vectors(diag: list[np.ndarray], sub: list[np.ndarray], rank: int) -> n
     t = np.zeros((k, k), band.dtype)
     for u in range(b1):
         t[np.arange(u, k), np.arange(k - u)] = band[u, : k - u]
-    _, vec = scipy.linalg.eigh(
-        t, lower=True, subset_by_index=(k - rank, k - 1), driver="evr", check_finite=False
-    )
+    _, vec = scipy.linalg.eigh(t, lower=True, subset_by_index=(k - rank, k - 1), driver="evr", check_finite=False)
     return vec[:, ::-1]
 
 
@@ -660,9 +653,7 @@ def truncated_svd(
             in ``[1, min(R, V)]``, or ``method`` is unknown.
     """
     if method not in ("auto", "exact", "randomized"):
-        raise JaxattnError(
-            f"truncated_svd: method={method!r}; expected 'auto', 'exact' or 'randomized'"
-        )
+        raise JaxattnError(f"truncated_svd: method={method!r}; expected 'auto', 'exact' or 'randomized'")
     mat, shape = _as_matrix(M)
     R, V = shape
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
@@ -670,8 +661,7 @@ def truncated_svd(
     rank = int(rank)
     if rank < 1 or rank > min(R, V):
         raise JaxattnError(
-            f"truncated_svd: rank={rank} must be in [1, min(R, V)] = [1, {min(R, V)}] "
-            f"for M of shape {shape}"
+            f"truncated_svd: rank={rank} must be in [1, min(R, V)] = [1, {min(R, V)}] for M of shape {shape}"
         )
     if not (isinstance(oversample, (int, np.integer)) and oversample >= 0):
         raise JaxattnError(f"truncated_svd: oversample={oversample!r} must be an int >= 0")
