@@ -615,10 +615,11 @@ def plot_diagnostics(path: Path, rows: list[dict[str, Any]], diag: dict[str, Any
         ax.axhline(float(np.median(need)), color="k", linestyle=":", label="needed by the expected attention (median)")
     ax.set_yscale("log")
     ax.margins(y=0.15)
-    from matplotlib.ticker import FuncFormatter, LogLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.yaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("within-row max-min of q.k/sqrt(K) (nats)")
     ax.set_title("score spread per layer", fontsize=10)
     ax.legend(fontsize=8)

@@ -68,7 +68,7 @@ DENSE = RNG.standard_normal((120, 70)).astype(np.float32)
 DECAY = with_spectrum(300, 200, 0.85 ** np.arange(200), seed=1)
 SPARSE = scipy.sparse.random(300, 200, density=0.04, random_state=3, dtype=np.float32, format="csr")
 SPARSE.data += 0.5  # away from zero, so the values matter
-FLAT = dict(rank=16, oversample=4)
+FLAT = dict(rank=16)
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -251,11 +251,12 @@ def test_no_retrace_on_repeated_calls():
 def test_auto_rule():
     truncated_svd(DENSE, 5)
     assert svd_mod._LAST_INFO["method"] == "exact"
-    assert svd_mod._auto_method(120, 70) == "exact"
-    assert svd_mod._auto_method(svd_mod.AUTO_EXACT_MAX_MIN_DIM, 2000) == "exact"
-    assert svd_mod._auto_method(svd_mod.AUTO_EXACT_MAX_MIN_DIM + 1, 2000) == "randomized"
-    assert svd_mod._auto_method(300_000, 32_000) == "randomized"
-    assert svd_mod._auto_method(1_000_000, 20) == "randomized"  # too many elements
+    assert svd_mod._auto_method(120, 70, 5) == "exact"
+    assert svd_mod._auto_method(svd_mod.AUTO_EXACT_MAX_MIN_DIM, 2000, 64) == "exact"
+    assert svd_mod._auto_method(svd_mod.AUTO_EXACT_MAX_MIN_DIM + 1, 2000, 64) == "randomized"
+    assert svd_mod._auto_method(svd_mod.AUTO_EXACT_MAX_MIN_DIM + 1, 2000, 110) == "exact"
+    assert svd_mod._auto_method(300_000, 32_000, 64) == "randomized"
+    assert svd_mod._auto_method(1_000_000, 20, 5) == "randomized"  # too many elements
 
 
 def test_float64_with_x64():
