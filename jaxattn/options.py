@@ -138,8 +138,11 @@ def cooccurrence_matrix(
 
     Raises:
         JaxattnError: a table is missing and no ``tokens`` were given.
+        MemoryBudgetError: the dense [V, V] matrix exceeds the memory budget.
     """
     V = int(vocab_size)
+    budget = next((cm.max_dense_bytes for cm in tables.values()), None)
+    check_dense_size((V, V), 8, "co-occurrence matrix", budget)
     out = np.zeros((V, V), np.float64)
     for s in range(int(window)):
         cm = tables.get((1, s))

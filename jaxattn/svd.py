@@ -37,6 +37,7 @@ reduction into one loop instead of materialising the ``(nnz, b)`` products.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -50,6 +51,11 @@ import scipy.sparse
 from jax.experimental import sparse as jsparse
 
 from jaxattn.errors import JaxattnError
+
+try:  # optional: keeps the small host eigenproblems on one BLAS thread
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover
+    ThreadpoolController = None
 
 __all__ = [
     "AUTO_EXACT_MAX_ELEMENTS",
@@ -474,13 +480,32 @@ def _band(diag: list[np.ndarray], sub: list[np.ndarray], dtype: Any) -> np.ndarr
     return band
 
 
+_THREADPOOLS: list[Any] = []
+
+
+def _one_blas_thread() -> Any:
+    """Context limiting BLAS to one thread, when threadpoolctl is installed.
+
+    The host eigenproblems on T are small (k <= a few thousand): one thread is
+    about as fast, runs beside the device's work instead of competing with
+    it, and avoids OpenBLAS's busy-wait stalls on a loaded machine (seconds
+    instead of milliseconds).
+    """
+    if ThreadpoolController is None:
+        return contextlib.nullcontext()
+    if not _THREADPOOLS:
+        _THREADPOOLS.append(ThreadpoolController())
+    return _THREADPOOLS[0].limit(limits=1, user_api="blas")
+
+
 def _ritz_values(diag: list[np.ndarray], sub: list[np.ndarray], rank: int) -> np.ndarray:
     """Top ``rank`` singular value estimates sqrt(eig(T)), descending (host, banded solver)."""
     band = _band(diag, sub, diag[0].dtype)
     k = band.shape[1]
-    lam = scipy.linalg.eigvals_banded(
-        band, lower=True, select="i", select_range=(k - min(rank, k), k - 1), check_finite=False
-    )
+    with _one_blas_thread():
+        lam = scipy.linalg.eigvals_banded(
+            band, lower=True, select="i", select_range=(k - min(rank, k), k - 1), check_finite=False
+        )
     return np.sqrt(np.maximum(lam[::-1].astype(np.float64), 0.0))
 
 
@@ -491,7 +516,8 @@ def _ritz_vectors(diag: list[np.ndarray], sub: list[np.ndarray], rank: int) -> n
     t = np.zeros((k, k), band.dtype)
     for u in range(b1):
         t[np.arange(u, k), np.arange(k - u)] = band[u, : k - u]
-    _, vec = scipy.linalg.eigh(t, lower=True, subset_by_index=(k - rank, k - 1), driver="evr", check_finite=False)
+    with _one_blas_thread():
+        _, vec = scipy.linalg.eigh(t, lower=True, subset_by_index=(k - rank, k - 1), driver="evr", check_finite=False)
     return vec[:, ::-1]
 
 
@@ -530,7 +556,8 @@ def _randomized_svd(mat, shape, rank, key, tol, oversample, n_iter):
     op = _sparse_op(mat, transpose) if isinstance(mat, _Sparse) else mat
     # The start block comes from numpy's generator seeded by the key:
     # deterministic, and nothing random to compile.
-    q0, _ = np.linalg.qr(np.random.default_rng(_key_seed(key)).standard_normal((n, block)))
+    with _one_blas_thread():
+        q0, _ = np.linalg.qr(np.random.default_rng(_key_seed(key)).standard_normal((n, block)))
     # The buffer size depends on the shapes only (not on n_iter): one compilation.
     basis = _krylov_start(jnp.asarray(q0, dtype), num_blocks=cap + 1)
     kw = dict(transpose=transpose, m=m, n=n)
