@@ -17,7 +17,7 @@ the frozen weights get no gradient, which XLA drops). ``% matmul`` compares the 
 with a plain float32 matmul on the same device.
 
 Run: ``python benchmarks/bench_train.py [--quick] [--device cpu|gpu|tpu] [--out DIR]``; prints a
-table and writes ``DIR/train.json`` (default ``benchmarks/results``).
+table and writes ``DIR/train.json`` (``train_quick.json`` with ``--quick``; default DIR ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from jaxattn.model import ModelConfig
 from jaxattn.train import (
     TrainConfig,
     _step_fn,
+    forward_flops_per_token,
     layout_pairs,
     make_batch,
     make_optimizer,
@@ -43,13 +44,8 @@ from jaxattn.train import (
 
 
 def step_flops(c: ModelConfig, batch_size: int, seq_len: int) -> float:
-    """Analytic matmul FLOPs of one training step: 3 x forward (QKV/O projections, scores, MLP, logits)."""
-    D, K, H, L, V, T = c.d_model, c.d_head, c.num_heads, c.num_layers, c.vocab_size, seq_len
-    per_token_layer = H * (3 * 2 * D * K + 2 * K * D) + H * 2 * 2 * K * T / 2  # causal half of QK^T and PV
-    if c.mlp:
-        per_token_layer += 2 * 2 * D * 4 * D
-    fwd = batch_size * T * (L * per_token_layer + 2 * D * V)
-    return 3.0 * fwd
+    """Analytic matmul FLOPs of one training step: 3 x the forward pass (forward + input-gradient backward)."""
+    return 3.0 * batch_size * seq_len * forward_flops_per_token(c, seq_len)
 
 
 def bench_preset(
@@ -113,6 +109,7 @@ def bench_preset(
         r["steps_per_sec"] = 1.0 / t.median_s if t.median_s > 0 else None
         r["tokens_per_sec"] = batch_size * seq_len / t.median_s if t.median_s > 0 else None
         r["time_vs_jit"] = t.median_s / t_jit.median_s if t_jit.median_s > 0 else None
+        r["step_flops"] = flops if "host" not in r["impl"] else None
         r["gflops_per_sec"] = flops / t.median_s / 1e9 if "host" not in r["impl"] and t.median_s > 0 else None
     return rows, prep.tables
 
@@ -175,19 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             {
                 **{k: v for k, v in r.items() if k != "timing"},
                 **r["timing"].to_dict(),
-                "step_flops": step_flops_for(r),
             }
             for r in rows
         ],
     }
-    write_json("train", payload, args.out, device)
+    write_json("train_quick" if args.quick else "train", payload, args.out, device)
     return 0
-
-
-def step_flops_for(row: dict[str, Any]) -> float | None:
-    """FLOPs per step implied by a row (None for the host-batch row)."""
-    g = row.get("gflops_per_sec")
-    return None if g is None else float(g * 1e9 * row["median_s"])
 
 
 if __name__ == "__main__":

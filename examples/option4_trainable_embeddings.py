@@ -86,7 +86,7 @@ def main() -> None:
     c = cfg
     print(
         f"training E: {c.steps} steps x {c.batch_size} count-corpus sequences of {c.seq_len} tokens, "
-        f"objective {c.objective} (balance {c.balance}), Adam lr {c.learning_rate:g}"
+        f"objective {c.objective}{f' (balance {c.balance})' if c.objective == 'kl' else ''}, Adam lr {c.learning_rate:g}"
     )
     after = guarded(lambda: run_option(ex.prep, "4", progress=not a.no_progress, baseline=ex.baseline, train_cfg=cfg))
     x = after.extra

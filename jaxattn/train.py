@@ -635,14 +635,21 @@ def run_option4(
         **overrides: TrainConfig fields to override (e.g. ``steps=50``).
 
     Returns:
-        :class:`AnalysisResult` labelled "option4"; ``extra`` holds ``curves``, ``before`` and
-        ``after`` (per-layer summaries), ``steps_per_sec``, ``compile_s``, ``frozen_bit_identical``,
-        ``score_scale``, ``embedding`` statistics, ``improved_every_layer`` and ``train_config``.
+        :class:`AnalysisResult` labelled "option4"; ``extra`` holds ``train_config``, ``curves``
+        (see :func:`train_embeddings`), ``before`` and ``after`` (per-layer summaries on the
+        held-out sequences), ``improved`` (per-layer booleans for cosine, tie-aware argmax and KL)
+        and ``improved_every_layer``, ``steps_per_sec``, ``compile_s``, ``num_traces``,
+        ``frozen_bit_identical`` and ``frozen_mismatched``, ``trained_leaves``,
+        ``train_ngram_note``, ``score_scale`` (:func:`score_scale` before/after) and
+        ``embedding`` (:func:`embedding_stats`).
     """
     train_cfg = default_train_config(prep, train_cfg, **overrides)
+    # The baseline's numbers are "before" only when training starts from its own parameters.
+    reuse = baseline is not None and baseline.params is not None and qk_inputs_fn is None
+    reuse = reuse and (params is None or params is baseline.params)
     if params is None:
-        params = baseline.params if baseline is not None and baseline.params is not None else baseline_params(prep)
-    if baseline is not None and qk_inputs_fn is None:
+        params = baseline.params if reuse else baseline_params(prep)
+    if reuse:
         before_records, before_attn = baseline.records, baseline.attn
     else:
         before_records, before_attn = heldout_alignment(prep, params, qk_inputs_fn=qk_inputs_fn, progress=progress)

@@ -145,7 +145,7 @@ def test_n_iter_fixed_number_of_blocks():
     truncated_svd(DECAY, 12, method="randomized")
     cache = svd_mod._krylov_step._cache_size()
     U, S, Vt = as_np(*truncated_svd(DECAY, 12, method="randomized", n_iter=3))
-    assert svd_mod._LAST_INFO["blocks_used"] == 3
+    assert svd_mod._LAST_INFO["products"] == 3
     assert svd_mod._krylov_step._cache_size() == cache
     _, s, _ = numpy_svd(DECAY, 12)
     np.testing.assert_allclose(S, s, rtol=1e-2)
