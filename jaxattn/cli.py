@@ -257,13 +257,20 @@ def write_outputs(
             p = out / "embedding_similarity.png"
             emb_stats = report.plot_embedding_similarity(p, main_res.params["embed"], vocab)
             files.append(p)
+    # Each option's own numbers (training curves, costs, ablations): the same field as in compare.
+    extras = {res.option: report.jsonable(res.extra) for res in results if res.extra}
     doc = report.metrics_document(
         records,
         config={"run": prep.run.to_dict(), "model": prep.config.to_dict(), "cli_args": vars(args)},
         corpus=prep.corpus.info(),
         eval_corpus=prep.eval_corpus.info(),
         timings=prep.timer.seconds,
-        extra={"embedding_similarity": emb_stats, "layer_summary": pipeline.layer_summary(records), **(extra or {})},
+        extra={
+            "embedding_similarity": emb_stats,
+            "layer_summary": pipeline.layer_summary(records),
+            **({"option_extras": extras} if extras else {}),
+            **(extra or {}),
+        },
     )
     report.write_json(out / "metrics.json", doc)
     files.append(out / "metrics.json")

@@ -17,7 +17,6 @@ Outputs in ``--out``:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,25 +61,6 @@ def parse_options(spec: str | Sequence[str] | None) -> list[str]:
     if not chosen:
         raise JaxattnError(f"--options {spec!r} selects no option; choose from all, {', '.join(OPTIONS)}")
     return [o for o in OPTIONS if o in chosen]
-
-
-def _plain(obj: Any, depth: int = 0) -> Any:
-    """A JSON-able copy of an option's ``extra`` (arrays to lists, dataclasses to dicts)."""
-    if depth > 12:
-        return repr(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _plain(dataclasses.asdict(obj), depth + 1)
-    if isinstance(obj, dict):
-        return {str(k): _plain(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v, depth + 1) for v in obj]
-    if isinstance(obj, (str, bool, int, float)) or obj is None:
-        return obj
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if hasattr(obj, "__array__"):
-        return np.asarray(obj).tolist()
-    return repr(obj)
 
 
 def option_summary(records: list[dict[str, Any]], num_layers: int, seconds: float | None = None) -> dict[str, Any]:
@@ -246,7 +226,7 @@ def write_compare_outputs(
     print()
     print("per-option, per-layer means over heads (min-max over heads):")
     print(report.format_layer_summary(layer_rows))
-    extras = {res.option: _plain(res.extra) for res in results}
+    extras = {res.option: report.jsonable(res.extra) for res in results}
     for label, ex in extras.items():
         line = report.format_extra_scalars(ex)
         if line:
@@ -285,7 +265,7 @@ def write_compare_outputs(
             print()
             print("Option 3 ablation (each row adds one ingredient to the row above):")
             print(_format_ablation(ablation_rows))
-            report.write_json(out / "ablation.json", {"rows": _plain(ablation_rows), "num_layers": L})
+            report.write_json(out / "ablation.json", {"rows": report.jsonable(ablation_rows), "num_layers": L})
             p = out / "ablation.png"
             report.plot_ablation(p, ablation_rows)
             files += [out / "ablation.json", p]
@@ -320,7 +300,7 @@ def write_compare_outputs(
             "layer_summary": layer_rows,
             "option_extras": extras,
             "embedding_similarity": emb_stats,
-            "ablation": _plain(ablation_rows),
+            "ablation": report.jsonable(ablation_rows),
             "diagnostics": diag,
             "verdicts": verdict_rows,
         },

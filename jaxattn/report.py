@@ -7,6 +7,7 @@ never leaves a partial file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -363,6 +364,25 @@ def plot_embedding_similarity(
     fig.colorbar(im, ax=ax)
     _save(fig, path)
     return stats
+
+
+def jsonable(obj: Any, depth: int = 0) -> Any:
+    """A JSON-able copy of ``obj`` (an option's ``extra``): arrays to lists, dataclasses to dicts, others to repr."""
+    if depth > 12:
+        return repr(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(dataclasses.asdict(obj), depth + 1)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, depth + 1) for v in obj]
+    if isinstance(obj, (str, bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if hasattr(obj, "__array__"):
+        return np.asarray(obj).tolist()
+    return repr(obj)
 
 
 def metrics_document(

@@ -243,19 +243,22 @@ def _pad_axis(x: Any, axis: int, size: int) -> np.ndarray | jax.Array:
 _XLA_SMALL_REDUCTION = 4096
 
 
-def _local_batch(B: int, num_shards: int, L: int, H: int, T: int, S: int) -> int:
+def _local_batch(B: int, num_shards: int, P: int, T: int, S: int) -> int:
     """Sequences per shard: ``ceil(B / shards)``, raised so each float sum stays in the single-device regime.
 
-    The metric kernel sums over keys (input [L, H, B, T, S]) and over queries ([L, H, B, T]). The
-    per-sequence results are independent of B, except that XLA:CPU picks its summation order by
-    input size (see ``_XLA_SMALL_REDUCTION``). When the single-device input of a sum is large, the
-    shard's must be too, so the shard gets extra masked sequences; a small single-device input
-    implies small shard inputs. Then every metric is bit-identical to the single-device call.
+    Each float sum of the metric kernel has an input of B times a per-sequence size
+    (:func:`jaxattn.alignment._reduction_sizes`). The per-sequence results are independent of B,
+    except that XLA:CPU picks its summation order by input size (see ``_XLA_SMALL_REDUCTION``).
+    When the single-device input of a sum is large, the shard's must be too, so the shard gets
+    extra masked sequences; a small single-device input implies small shard inputs. Then every
+    metric is bit-identical to the single-device call.
     """
+    from jaxattn.alignment import _reduction_sizes
+
     need = -(-B // num_shards)
-    for per_seq in (T * S, T):
-        if L * H * B * per_seq >= _XLA_SMALL_REDUCTION:
-            need = max(need, -(-_XLA_SMALL_REDUCTION // (L * H * per_seq)))
+    for per_seq in _reduction_sizes(P, T, S):
+        if B * per_seq >= _XLA_SMALL_REDUCTION:
+            need = max(need, -(-_XLA_SMALL_REDUCTION // per_seq))
     return need
 
 
@@ -292,7 +295,7 @@ def sharded_layer_head_metrics(
             f"batch or layout mismatch: expected {np.shape(expected)}, pair_index {np.shape(pair_index)}, "
             f"attn {np.shape(attn)}"
         )
-    Bp = _local_batch(B, nd, L, H, T, S) * nd
+    Bp = _local_batch(B, nd, int(np.shape(expected)[0]), T, S) * nd
     placed = [
         jax.device_put(jnp.asarray(_pad_axis(x, axis, Bp), dt), NamedSharding(mesh, spec))
         for x, axis, dt, spec in (

@@ -64,6 +64,28 @@ def test_vmapped_metrics_equal_per_head_python_loop():
             np.testing.assert_allclose(float(got[k][idx]), v, rtol=1e-4, atol=1e-5, err_msg=f"{k} at {idx}")
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_layer_head_metrics_fast_paths_equal_float64_reference(causal):
+    # T = 64 runs the causal row-block path (4 blocks); a mask with a key after its query must
+    # take the full kernel instead, and both must equal the float64 per-row reference.
+    H, B, T = 2, 2, 64  # one layer
+    e, a, m = random_case(jax.random.PRNGKey(3), (2, B), T)
+    if not causal:
+        m = m.copy()
+        m[:, :, 10, 40] = True
+        e[:, :, 10, 40] = 0.5
+    attn = np.stack([a[0], a[1]], axis=1)[:, None]  # [B, L=1, H=2, T, T]
+    attn[:, 0, 1, 10, 40] = 0.2  # only visible through the non-causal mask
+    pair_index = np.array([[1, 0]], np.int32)
+    got = layer_head_metrics(jnp.asarray(e), jnp.asarray(m), jnp.asarray(pair_index), jnp.asarray(attn))
+    for h in range(H):
+        p = pair_index[0, h]
+        for b in range(B):
+            ref = ref_sequence(e[p, b], attn[b, 0, h], m[p, b])
+            for k, v in ref.items():
+                np.testing.assert_allclose(float(got[k][0, h, b]), v, rtol=1e-5, atol=1e-6, err_msg=f"{k} h={h} b={b}")
+
+
 def test_layer_head_metrics_equal_loop_over_layers_and_heads():
     L, H, B, T = 3, 4, 2, 8
     e, a, m = random_case(jax.random.PRNGKey(1), (2, B), T)  # P = 2 distinct tables

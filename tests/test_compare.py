@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxattn import cli, compare, options, pipeline
+from jaxattn import cli, compare, options, pipeline, report
 from jaxattn.errors import JaxattnError
 
 SCHEMA = ("option", "layer", "head", "n", "s", "kl", "cosine", "argmax_match", "argmax_match_tied", "entropy")
@@ -182,7 +182,7 @@ def test_best_option_and_plain():
     assert compare.best_option(s) == "b"
     import jax.numpy as jnp
 
-    plain = compare._plain({"x": jnp.ones(2), "y": np.float32(1.5), "z": (1, np.int64(2)), "w": object})
+    plain = report.jsonable({"x": jnp.ones(2), "y": np.float32(1.5), "z": (1, np.int64(2)), "w": object})
     assert plain["x"] == [1.0, 1.0] and plain["y"] == 1.5 and plain["z"] == [1, 2] and isinstance(plain["w"], str)
     json.dumps(plain)
 

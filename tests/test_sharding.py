@@ -183,11 +183,16 @@ def test_bad_arguments_name_the_value():
 
 
 def test_local_batch_keeps_single_device_reduction_regime():
+    from jaxattn.alignment import _reduction_sizes
     from jaxattn.sharding import _XLA_SMALL_REDUCTION, _local_batch
 
-    # Large single-device sums => every shard's sums are large too; small => nothing padded.
-    b = _local_batch(64, 8, 12, 12, 16, 16)
-    assert b == 8 and 12 * 12 * b * 16 >= _XLA_SMALL_REDUCTION
-    b = _local_batch(13, 8, 4, 5, 16, 16)  # 4*5*13*16 = 4160 summed over queries on one device
-    assert 4 * 5 * b * 16 >= _XLA_SMALL_REDUCTION and b == 13
-    assert _local_batch(3, 8, 2, 2, 8, 8) == 1  # all sums small on one device already
+    # Every sum that is large on one device is large on each shard; small ones need no padding.
+    for B, shards, P, T in ((64, 8, 8, 256), (16, 8, 2, 64), (20, 8, 2, 32), (13, 8, 1, 16)):
+        b = _local_batch(B, shards, P, T, T)
+        assert b >= -(-B // shards)
+        for size in _reduction_sizes(P, T, T):
+            if B * size >= _XLA_SMALL_REDUCTION:
+                assert b * size >= _XLA_SMALL_REDUCTION, (B, P, T, size, b)
+    assert _local_batch(64, 8, 8, 256, 256) == 16  # the per-query sums: 16 * 256 = 4096
+    assert _local_batch(16, 8, 2, 64, 64) == 16  # the 16-row block sums: 16 * 16 * 16 = 4096 on one device
+    assert _local_batch(3, 8, 1, 4, 4) == 1  # all sums small on one device already
