@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastest peer within {args.target:g}: {summary['fastest_peer_at_target']}")
     print(f"fastest peer at any accuracy: {summary['fastest_peer_any_accuracy']}")
     write_json(
-        "svd",
+        "svd_quick" if quick else "svd",
         {
             "config": {**vars(args), "rows": rows, "cols": cols, "repeats": repeats, "sklearn_iters": sklearn_iters},
             "matrix": matrix_desc,

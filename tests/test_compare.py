@@ -79,7 +79,7 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict]]:
             "1": lambda: _uniform(prep),
             "2": lambda: _expected(prep),
             "3": lambda: 0.5 * _expected(prep) + 0.5 * _uniform(prep),
-            "4": lambda: kw["baseline"].attn,
+            "4": lambda: kw["baseline"].attn if "baseline" in kw else _uniform(prep),
         }[option]()
         extra = {"stand_in": True, "note": label}
         if option == "4":
@@ -137,6 +137,17 @@ def test_compare_writes_every_option_ablation_and_diagnostics(slice_dir, tmp_pat
     text = capsys.readouterr().out
     assert "option2" in text and "verdicts" in text and "ablation" in text.lower()
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_analyze_option_writes_its_extras(slice_dir, tmp_path, stand_ins):
+    """``analyze --option 4`` keeps the option's own numbers (training curves) in metrics.json."""
+    out = tmp_path / "an4"
+    argv = ["analyze", "--corpus", str(slice_dir), "--heldout", "zeval", *FAST, "--option", "4", "--out", str(out)]
+    assert cli.main(argv) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [c[0] for c in stand_ins] == ["4"]
+    assert doc["option_extras"]["option4"]["curves"]["loss"] == pytest.approx(list(np.linspace(1, 0.5, 4)))
+    assert {r["option"] for r in doc["results"]} == {"option4"}
 
 
 def test_compare_subset_skips_and_real_option2(slice_dir, tmp_path):
