@@ -186,7 +186,7 @@ def _head_terms(pt: _PairTerms, actual: jax.Array) -> dict[str, jax.Array]:
     log_a = jnp.log(a + (KL_EPS * s)[:, None])
     kl = jnp.maximum(pt.e_log_e - (jnp.sum(pt.e * log_a, -1) - log_s), 0.0)
     # Entropy with log(p + eps) in place of log p: differs by at most (#keys * eps), below float32 resolution.
-    ent = -(jnp.sum(a * log_a, -1) / s - log_s)
+    ent = jnp.maximum(-(jnp.sum(a * log_a, -1) / s - log_s), 0.0)  # a one-hot row would give -eps
     entropy = jnp.where(pt.log_keys > 0, ent / jnp.where(pt.log_keys > 0, pt.log_keys, 1.0), 1.0)
     # cos(e, a/s) = cos(e, a): the row sum cancels.
     denom = pt.e_norm * jnp.sqrt(jnp.sum(a * a, -1))

@@ -125,6 +125,7 @@ def test_uniform_attention_entropy_one_and_tie_aware_form():
     got = jaxattn.alignment_metrics(e, a, m)
     assert float(got["argmax_match"]) == 0.0  # strict: first index 0 != 2
     assert float(got["argmax_match_tied"]) == 1.0  # tie-aware: 2 holds the max too
+    assert float(got["entropy"]) == 0.0  # one-hot actual row: exactly 0, never a hair below
     got_u = jaxattn.alignment_metrics(uniform, uniform, causal)
     np.testing.assert_allclose(float(got_u["entropy"]), 1.0, atol=1e-6)
 
