@@ -147,15 +147,6 @@ def flat_vmap_metrics(*args: Any) -> dict[str, Any]:
 _FLAT: Any = None
 
 
-def forward_flops(config: Any, B: int, T: int) -> float:
-    """Matmul FLOPs of one forward pass (2 per multiply-add); LayerNorm/softmax/GELU are ignored."""
-    D, H, K, L, V = config.d_model, config.num_heads, config.d_head, config.num_layers, config.vocab_size
-    per_tok_layer = 2 * D * H * K * 4 + 2 * T * H * K * 2  # q, k, v, o projections; scores and probs @ v
-    if config.mlp:
-        per_tok_layer += 2 * D * 4 * D * 2
-    return float(B * T * (L * per_tok_layer + 2 * D * V))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     ap.add_argument("--num-seqs", type=int, default=None, help="B (default 64, 16 with --quick)")
@@ -171,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxattn.alignment import layer_head_metrics
     from jaxattn.model import forward_batch
     from jaxattn.pipeline import RunConfig, baseline_params, load_split, prepare
+    from jaxattn.train import forward_flops_per_token
 
     B = args.num_seqs or (16 if args.quick else 64)
     T = args.seq_len
@@ -196,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         [forward_batch(params, jnp.asarray(prep.tokens[i : i + fb]), cfg).attn for i in range(0, B, fb)]
     )
     attn = np.asarray(at_d)  # a view on CPU: one copy of the 2.4 GB (B=64) array, not two
-    flops = forward_flops(cfg, fb, T)
+    flops = fb * T * forward_flops_per_token(cfg, T)
     peak = device_matmul_flops()
     print(f"attn {attn.shape} float32 = {attn.nbytes / 2**30:.2f} GiB")
 

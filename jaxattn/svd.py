@@ -20,9 +20,12 @@ algorithms:
 Per Krylov block (width ``b`` = rank rounded up to a multiple of 16), the
 device does one product with ``M`` and one with ``M^T`` (``2 nnz b``
 multiply-adds), a block Gram-Schmidt against the earlier blocks and a
-CholeskyQR2; the host computes the Ritz values of the small block-tridiagonal
-projection ``T`` for the stopping test while the device already runs the next
-block. Singular values are taken as ``||A x||`` for the final Ritz vectors
+CholeskyQR2; the host computes the Ritz values of the small projection ``T``
+for the stopping test while the device already runs the next block. Memory
+stays at a few blocks however many the tolerance needs: after a cycle of new
+blocks, a thick restart keeps the top Ritz vectors (``_KEEP_BLOCKS`` blocks)
+and continues from the residual block, so ``T`` is block tridiagonal bordered
+by the kept Ritz pairs. Singular values are taken as ``||A x||`` for the final Ritz vectors
 ``x``, not as square roots of Gram eigenvalues, so they keep float32 accuracy.
 
 Sparse inputs are never densified on the randomized path. They are converted
@@ -733,8 +736,10 @@ def truncated_svd(
         oversample: randomized only: the Krylov block has ``rank +
             oversample`` columns, rounded up to a multiple of 16 and capped at
             ``min(R, V)``.
-        n_iter: randomized only: a fixed number of Krylov blocks (at most
-            ``min(R, V) // block`` and 40) instead of the ``tol`` rule.
+        n_iter: randomized only: a fixed number of Krylov blocks (Gram
+            products, counted across thick restarts) instead of the ``tol``
+            rule; at most ``min(R, V) // block`` when the small side is too
+            short to restart.
 
     Returns:
         ``U`` (R, rank) with orthonormal columns, ``S`` (rank,) descending and

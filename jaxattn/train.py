@@ -594,8 +594,8 @@ def default_train_config(prep: Prepared, base: TrainConfig | None = None, **over
 
     Without ``base``, models up to 2e7 forward FLOPs per token (the "small" preset: ~2e6) train 300
     steps of 8 sequences; larger ones (the seed preset, ~1.7e8) 100 steps of 4, which measured
-    as enough for every layer of the seed preset on Shakespeare to improve (about 5-10 minutes on
-    2 CPU cores). Sequences are ``prep.run.seq_len`` long and the batch seed is the run seed.
+    as enough for every layer of the seed preset on Shakespeare to improve (about 2 minutes on
+    2 idle CPU cores). Sequences are ``prep.run.seq_len`` long and the batch seed is the run seed.
 
     Raises:
         JaxattnError: an override that is not a :class:`TrainConfig` field, or a bad value.
@@ -644,12 +644,11 @@ def run_option4(
         ``embedding`` (:func:`embedding_stats`).
     """
     train_cfg = default_train_config(prep, train_cfg, **overrides)
-    # The baseline's numbers are "before" only when training starts from its own parameters.
-    reuse = baseline is not None and baseline.params is not None and qk_inputs_fn is None
-    reuse = reuse and (params is None or params is baseline.params)
+    has_base = baseline is not None and baseline.params is not None
     if params is None:
-        params = baseline.params if reuse else baseline_params(prep)
-    if reuse:
+        params = baseline.params if has_base else baseline_params(prep)
+    # The baseline's numbers are "before" only when training starts from its parameters and inputs.
+    if has_base and qk_inputs_fn is None and params is baseline.params:
         before_records, before_attn = baseline.records, baseline.attn
     else:
         before_records, before_attn = heldout_alignment(prep, params, qk_inputs_fn=qk_inputs_fn, progress=progress)
