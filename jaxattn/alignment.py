@@ -148,24 +148,45 @@ class _PairTerms(NamedTuple):
     valid: jax.Array
 
 
+def _first_argmax(v: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Maximum over the kept keys and its first index: [T, S] -> (float32 [T], int32 [T]).
+
+    ``v`` must be >= 0 and 0 where ``keep`` is 0; masked keys then sit at -1. The gap to the row
+    maximum is >= 0, and 0 exactly at the maxima, so ``ceil(gap)`` is 0 there and >= 1 elsewhere
+    (even for a subnormal gap), and the smallest ``index + S * ceil(gap)`` is the first maximum.
+    Arithmetic, not ``argmax``: XLA:CPU lowers ``argmax`` to a variadic reduction it does not
+    vectorise (5x slower), and ``ceil`` costs half of ``sign`` or a select there.
+    """
+    v_keep = v + (keep - 1.0)
+    v_max = jnp.max(v_keep, -1)
+    S = v.shape[-1]
+    iota = jax.lax.broadcasted_iota(jnp.float32, v.shape, v.ndim - 1)
+    arg = jnp.min(iota + jnp.ceil(v_max[..., None] - v_keep) * S, -1).astype(jnp.int32)
+    return v_max, arg
+
+
 def _pair_terms(expected: jax.Array, mask: jax.Array) -> _PairTerms:
-    """The expected side of :func:`query_metrics` for one sequence: [T, S] -> :class:`_PairTerms`."""
+    """The expected side of :func:`query_metrics` for one sequence: [T, S] -> :class:`_PairTerms`.
+
+    Float arithmetic throughout (no boolean or integer reductions): XLA:CPU vectorises float
+    reductions, and these run once per table over every [T, S] pair.
+    """
     mask = mask.astype(bool)
+    keep = mask.astype(jnp.float32)
     e = jnp.where(mask, expected.astype(jnp.float32), 0.0)
-    e_sum = e.sum(-1, keepdims=True)
-    valid = (e_sum[:, 0] > 0) & mask.any(-1)
-    e = e / jnp.where(e_sum > 0, e_sum, 1.0)
-    e_masked = jnp.where(mask, e, -1.0)
-    n_keys = mask.sum(-1)
-    log_n = jnp.log(jnp.maximum(n_keys, 1).astype(jnp.float32))
+    e_sum = e.sum(-1)
+    n_keys = keep.sum(-1)
+    valid = (e_sum > 0) & (n_keys > 0)
+    e = e / jnp.where(e_sum > 0, e_sum, 1.0)[:, None]
+    e_max, e_arg = _first_argmax(e, keep)
     return _PairTerms(
         e=e,
-        keep=mask.astype(jnp.float32),
-        e_log_e=jnp.sum(jnp.where(mask, e * jnp.log(e + KL_EPS), 0.0), -1),
-        e_norm=jnp.linalg.norm(e, axis=-1),
-        e_max=jnp.max(e_masked, -1),
-        e_arg=jnp.argmax(e_masked, -1).astype(jnp.int32),
-        log_keys=jnp.where(n_keys > 1, log_n, 0.0),
+        keep=keep,
+        e_log_e=jnp.sum(e * jnp.log(e + KL_EPS), -1),  # e is 0 off the mask, so those terms vanish
+        e_norm=jnp.sqrt(jnp.sum(e * e, -1)),
+        e_max=e_max,
+        e_arg=e_arg,
+        log_keys=jnp.where(n_keys > 1, jnp.log(jnp.maximum(n_keys, 1.0)), 0.0),
         valid=valid,
     )
 
@@ -176,27 +197,22 @@ def _head_terms(pt: _PairTerms, actual: jax.Array) -> dict[str, jax.Array]:
     Written with arithmetic instead of compare-and-select in the [T, S] passes: XLA:CPU
     vectorises ``sign`` and multiplies but not selects inside a reduction, a 4-5x difference.
     """
-    keep = pt.keep
-    a = actual.astype(jnp.float32) * keep
-    S = a.shape[-1]
+    a = actual.astype(jnp.float32) * pt.keep
     a_sum = a.sum(-1)
     s = jnp.where(a_sum > 0, a_sum, 1.0)
     # log(a/s + eps) = log(a + eps*s) - log(s): no [T, S] division.
     log_s = jnp.log(s)
     log_a = jnp.log(a + (KL_EPS * s)[:, None])
     kl = jnp.maximum(pt.e_log_e - (jnp.sum(pt.e * log_a, -1) - log_s), 0.0)
-    # Entropy with log(p + eps) in place of log p: differs by at most (#keys * eps), below float32 resolution.
-    ent = jnp.maximum(-(jnp.sum(a * log_a, -1) / s - log_s), 0.0)  # a one-hot row would give -eps
+    # Entropy from a * log(a + tiny): its own log, so XLA fuses each log into its reduction instead of
+    # writing a [T, S] log(a) for both; tiny only keeps 0 * log(0) at 0.
+    tiny = jnp.finfo(jnp.float32).tiny
+    ent = jnp.maximum(-(jnp.sum(a * jnp.log(a + tiny), -1) / s - log_s), 0.0)
     entropy = jnp.where(pt.log_keys > 0, ent / jnp.where(pt.log_keys > 0, pt.log_keys, 1.0), 1.0)
     # cos(e, a/s) = cos(e, a): the row sum cancels.
     denom = pt.e_norm * jnp.sqrt(jnp.sum(a * a, -1))
     cosine = jnp.clip(jnp.sum(pt.e * a, -1) / jnp.where(denom > 0, denom, 1.0), 0.0, 1.0)
-    # First index of the actual maximum over valid keys (masked keys sit at -1): the gap to the
-    # row max is 0 exactly at the maxima, so sign(gap) is 0 there and 1 elsewhere.
-    a_keep = a + (keep - 1.0)
-    a_max = jnp.max(a_keep, -1)
-    iota = jax.lax.broadcasted_iota(jnp.float32, a.shape, 1)
-    a_arg = jnp.min(iota + jnp.sign(a_max[:, None] - a_keep) * S, -1).astype(jnp.int32)
+    _, a_arg = _first_argmax(a, pt.keep)
     match = (a_arg == pt.e_arg).astype(jnp.float32)
     e_at_a = jnp.take_along_axis(pt.e, a_arg[:, None], -1)[:, 0]
     tied = (e_at_a >= pt.e_max * (1.0 - TIE_RTOL)).astype(jnp.float32)
@@ -313,32 +329,42 @@ def expected_for_layout(
     return np.stack(ex), np.stack(mk)
 
 
-def _row_blocks(T: int, S: int) -> list[tuple[int, int]]:
-    """Static query-row blocks ``[r0, r1)`` for the causal fast path (each needs keys ``[0, r1)`` only)."""
-    nb = min(CAUSAL_ROW_BLOCKS, T // 16) if T == S else 1
-    edges = [T * k // max(nb, 1) for k in range(max(nb, 1) + 1)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+def _row_blocks(T: int, S: int, causal: bool) -> list[tuple[int, int, int]]:
+    """Static blocks ``(r0, r1, c1)``: query rows ``[r0, r1)`` against keys ``[0, c1)``.
+
+    With a causal mask, row block ``[r0, r1)`` needs keys ``[0, r1)`` only, so about half of
+    the [T, T] pairs (all of them masked) are never read. Otherwise one block holds everything.
+    """
+    if not causal or T != S:
+        return [(0, T, S)]
+    nb = max(min(CAUSAL_ROW_BLOCKS, T // 16), 1)
+    edges = [T * k // nb for k in range(nb + 1)]
+    return [(r0, r1, r1) for r0, r1 in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def _reduction_sizes(P: int, T: int, S: int) -> list[int]:
     """Per-sequence input sizes of the float sums in :func:`layer_head_metrics` (each is B times one of these)."""
-    return [P * T * S, P * T, T * S, T] + [(r1 - r0) * r1 for r0, r1 in _row_blocks(T, S)]
+    blocks = _row_blocks(T, S, True) + _row_blocks(T, S, False)
+    return [T] + [(r1 - r0) * c1 for r0, r1, c1 in blocks]
 
 
-def _causal_head_terms(pt: _PairTerms, actual: jax.Array) -> dict[str, jax.Array]:
-    """:func:`_head_terms` for a mask with no key after its query: the row blocks skip the upper triangle.
+def _is_causal(mask: jax.Array) -> jax.Array:
+    """Whether no entry of ``mask`` [..., T, S] lies above the diagonal: bool []."""
+    T, S = mask.shape[-2:]
+    above = ~np.tri(T, S, dtype=bool)
+    if S % 4:
+        return ~jnp.any(mask & above)
 
-    Row block ``[r0, r1)`` runs the same kernel on keys ``[0, r1)``, so about half of the
-    [T, T] pairs (all of them masked) are never read.
-    """
-    blocks = _row_blocks(*actual.shape)
-    if len(blocks) == 1:
-        return _head_terms(pt, actual)
-    parts = []
-    for r0, r1 in blocks:
-        rows = jax.tree.map(lambda x, r0=r0, r1=r1: x[r0:r1, :r1] if x.ndim == 2 else x[r0:r1], pt)
-        parts.append(_head_terms(rows, actual[r0:r1, :r1]))
-    return {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
+    def words(m: Any) -> jax.Array:  # 4 booleans per uint32: a quarter of the elements to reduce
+        m = jnp.asarray(m).astype(jnp.uint8)
+        return jax.lax.bitcast_convert_type(m.reshape(*m.shape[:-1], S // 4, 4), jnp.uint32)
+
+    return ~jnp.any((words(mask) & words(above)) != 0)
+
+
+def _block(tree: Any, r0: int, r1: int, c1: int) -> Any:
+    """Rows ``[r0, r1)`` and keys ``[0, c1)`` of every leaf: [B, T, S] -> [B, r1-r0, c1], [B, T] -> [B, r1-r0]."""
+    return jax.tree.map(lambda x: x[:, r0:r1, :c1] if x.ndim == 3 else x[:, r0:r1], tree)
 
 
 @jax.jit
@@ -350,33 +376,49 @@ def layer_head_metrics(
 ) -> dict[str, Array]:
     """Metrics for every layer, head and sequence in one jitted call.
 
-    Three things make this fast. The expected side (:class:`_PairTerms`) is computed once per
-    (n, s) table and sequence, not once per head. A ``lax.map`` over the L*H heads runs the
-    kernel vmapped over the B sequences of one head at a time, so its temporaries are [B, T, T],
-    not [L, H, B, T, T]. And when no mask entry lies above the diagonal (checked on the data), row
-    blocks skip the upper triangle (:func:`_causal_head_terms`); otherwise the full kernel runs.
+    The expected side (:class:`_PairTerms`) is computed once per (n, s) table and sequence, not
+    once per head. A loop over the tables runs an inner loop over the heads that use that table,
+    so each table's terms are sliced into row blocks once and every head reads them in place. The
+    kernel runs vmapped over the B sequences of one head at a time: temporaries are [B, T, T],
+    not [L, H, B, T, T]. When no mask entry lies above the diagonal (checked on the data), the
+    row blocks of :func:`_row_blocks` skip the upper triangle; otherwise the full kernel runs.
 
     Args:
         expected: [P, B, T, T] expected attention per distinct (n, s).
         mask: bool [P, B, T, T].
-        pair_index: int32 [L, H], which (n, s) each head uses.
+        pair_index: int32 [L, H], which (n, s) each head uses (clipped to ``[0, P)``).
         attn: [B, L, H, T, T] actual attention.
 
     Returns:
         dict of [L, H, B] arrays (see :func:`alignment_metrics`).
     """
-    expected, mask, pair_index = jnp.asarray(expected), jnp.asarray(mask, bool), jnp.asarray(pair_index)
-    pair = jax.vmap(jax.vmap(_pair_terms))(expected, mask)  # leaves [P, B, ...]
+    expected, mask = jnp.asarray(expected), jnp.asarray(mask, bool)
     B, L, H, T, S = attn.shape
-    causal = ~jnp.any(mask & ~jnp.tri(T, S, dtype=bool))
+    P = expected.shape[0]
+    head_pair = jnp.clip(jnp.asarray(pair_index, jnp.int32).reshape(L * H), 0, P - 1)
+    order = jnp.argsort(head_pair, stable=True).astype(jnp.int32)  # heads grouped by table
+    n_heads = jnp.bincount(head_pair, length=P).astype(jnp.int32)
+    first = jnp.cumsum(n_heads) - n_heads
+    init = {k: jnp.zeros((L * H, B), jnp.float32) for k in METRIC_NAMES} | {
+        "num_queries": jnp.zeros((L * H, B), jnp.int32)
+    }
 
-    def run(kernel):
-        def one_head(lh: jax.Array) -> dict[str, jax.Array]:
-            l, h = lh // H, lh % H
-            per_seq = jax.tree.map(lambda x: x[pair_index[l, h]], pair)
-            return jax.vmap(lambda t, a: _means(kernel(t, a)))(per_seq, attn[:, l, h])
+    def run(blocks: list[tuple[int, int, int]]) -> dict[str, jax.Array]:
+        def table(p: jax.Array, out: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            ex, mk = expected[p], mask[p]
+            pt_blocks = [jax.vmap(_pair_terms)(*_block((ex, mk), *blk)) for blk in blocks]
 
-        return jax.lax.map(one_head, jnp.arange(L * H))
+            def head(k: jax.Array, out: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                lh = order[k]
+                x = attn[:, lh // H, lh % H]
+                parts = [jax.vmap(_head_terms)(pt, _block(x, *blk)) for pt, blk in zip(pt_blocks, blocks, strict=True)]
+                q = {name: jnp.concatenate([part[name] for part in parts], 1) for name in parts[0]}
+                res = jax.vmap(_means)(q)
+                return {name: out[name].at[lh].set(res[name]) for name in out}
 
-    out = jax.lax.cond(causal, lambda: run(_causal_head_terms), lambda: run(_head_terms))
+            return jax.lax.fori_loop(first[p], first[p] + n_heads[p], head, out)
+
+        return jax.lax.fori_loop(0, P, table, init)
+
+    out = jax.lax.cond(_is_causal(mask), lambda: run(_row_blocks(T, S, True)), lambda: run(_row_blocks(T, S, False)))
     return {k: v.reshape(L, H, B) for k, v in out.items()}
