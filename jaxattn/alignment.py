@@ -9,6 +9,7 @@ vmapped over any leading axes by :func:`alignment_metrics`.
 # ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -148,19 +149,18 @@ class _PairTerms(NamedTuple):
     valid: jax.Array
 
 
-def _first_argmax(v: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _first_argmax(v_keep: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Maximum over the kept keys and its first index: [T, S] -> (float32 [T], int32 [T]).
 
-    ``v`` must be >= 0 and 0 where ``keep`` is 0; masked keys then sit at -1. The gap to the row
+    ``v_keep`` is >= 0 on the kept keys and below 0 (-1) on masked ones. The gap to the row
     maximum is >= 0, and 0 exactly at the maxima, so ``ceil(gap)`` is 0 there and >= 1 elsewhere
     (even for a subnormal gap), and the smallest ``index + S * ceil(gap)`` is the first maximum.
     Arithmetic, not ``argmax``: XLA:CPU lowers ``argmax`` to a variadic reduction it does not
     vectorise (5x slower), and ``ceil`` costs half of ``sign`` or a select there.
     """
-    v_keep = v + (keep - 1.0)
     v_max = jnp.max(v_keep, -1)
-    S = v.shape[-1]
-    iota = jax.lax.broadcasted_iota(jnp.float32, v.shape, v.ndim - 1)
+    S = v_keep.shape[-1]
+    iota = jax.lax.broadcasted_iota(jnp.float32, v_keep.shape, v_keep.ndim - 1)
     arg = jnp.min(iota + jnp.ceil(v_max[..., None] - v_keep) * S, -1).astype(jnp.int32)
     return v_max, arg
 
@@ -178,7 +178,7 @@ def _pair_terms(expected: jax.Array, mask: jax.Array) -> _PairTerms:
     n_keys = keep.sum(-1)
     valid = (e_sum > 0) & (n_keys > 0)
     e = e / jnp.where(e_sum > 0, e_sum, 1.0)[:, None]
-    e_max, e_arg = _first_argmax(e, keep)
+    e_max, e_arg = _first_argmax(e + (keep - 1.0))
     return _PairTerms(
         e=e,
         keep=keep,
@@ -191,13 +191,28 @@ def _pair_terms(expected: jax.Array, mask: jax.Array) -> _PairTerms:
     )
 
 
-def _head_terms(pt: _PairTerms, actual: jax.Array) -> dict[str, jax.Array]:
+def _head_terms(pt: _PairTerms, actual: jax.Array, row0: int | None = None) -> dict[str, jax.Array]:
     """The per-query metrics of one head on one sequence, given its :class:`_PairTerms`.
 
     Written with arithmetic instead of compare-and-select in the [T, S] passes: XLA:CPU
-    vectorises ``sign`` and multiplies but not selects inside a reduction, a 4-5x difference.
+    vectorises ``ceil`` and multiplies but not selects inside a reduction, a 4-5x difference.
+
+    Args:
+        pt: the expected side, [T, S] leaves.
+        actual: [T, S].
+        row0: None for any mask. An int promises a causal-prefix mask: on every valid row ``i``
+            the valid keys are exactly ``j <= row0 + i`` (``row0`` is the query index of row 0).
+            Then ``pt.keep`` is never read: masked keys are zeroed by position, and as key 0 is
+            always valid, the first maximum of the zeroed row lies on a valid key.
     """
-    a = actual.astype(jnp.float32) * pt.keep
+    x = actual.astype(jnp.float32)
+    if row0 is None:
+        a = x * pt.keep
+        a_keep = a + (pt.keep - 1.0)
+    else:
+        rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) + row0
+        a = jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) <= rows, x, 0.0)
+        a_keep = a
     a_sum = a.sum(-1)
     s = jnp.where(a_sum > 0, a_sum, 1.0)
     # log(a/s + eps) = log(a + eps*s) - log(s): no [T, S] division.
@@ -212,7 +227,7 @@ def _head_terms(pt: _PairTerms, actual: jax.Array) -> dict[str, jax.Array]:
     # cos(e, a/s) = cos(e, a): the row sum cancels.
     denom = pt.e_norm * jnp.sqrt(jnp.sum(a * a, -1))
     cosine = jnp.clip(jnp.sum(pt.e * a, -1) / jnp.where(denom > 0, denom, 1.0), 0.0, 1.0)
-    _, a_arg = _first_argmax(a, pt.keep)
+    _, a_arg = _first_argmax(a_keep)
     match = (a_arg == pt.e_arg).astype(jnp.float32)
     e_at_a = jnp.take_along_axis(pt.e, a_arg[:, None], -1)[:, 0]
     tied = (e_at_a >= pt.e_max * (1.0 - TIE_RTOL)).astype(jnp.float32)
@@ -348,18 +363,30 @@ def _reduction_sizes(P: int, T: int, S: int) -> list[int]:
     return [T] + [(r1 - r0) * c1 for r0, r1, c1 in blocks]
 
 
-def _is_causal(mask: jax.Array) -> jax.Array:
-    """Whether no entry of ``mask`` [..., T, S] lies above the diagonal: bool []."""
+#: What :func:`_mask_kind` can say of a mask, in the order of :func:`layer_head_metrics`' branches.
+_PREFIX, _CAUSAL, _GENERAL = 0, 1, 2
+
+
+def _mask_kind(mask: jax.Array) -> jax.Array:
+    """Which kernel a mask [..., T, S] allows: int32 [].
+
+    ``_PREFIX``: every row is empty or exactly the keys ``j <= i`` (what :func:`expected_attention`
+    builds). ``_CAUSAL``: no entry above the diagonal. ``_GENERAL``: anything else.
+    """
     T, S = mask.shape[-2:]
-    above = ~np.tri(T, S, dtype=bool)
+    tri = np.tri(T, S, dtype=bool)
     if S % 4:
-        return ~jnp.any(mask & above)
+        rows, diag, above = mask.any(-1), mask == tri, mask & ~tri
+    else:  # 4 booleans per uint32: a quarter of the elements to reduce
 
-    def words(m: Any) -> jax.Array:  # 4 booleans per uint32: a quarter of the elements to reduce
-        m = jnp.asarray(m).astype(jnp.uint8)
-        return jax.lax.bitcast_convert_type(m.reshape(*m.shape[:-1], S // 4, 4), jnp.uint32)
+        def words(m: Any) -> jax.Array:
+            m = jnp.asarray(m).astype(jnp.uint8)
+            return jax.lax.bitcast_convert_type(m.reshape(*m.shape[:-1], S // 4, 4), jnp.uint32)
 
-    return ~jnp.any((words(mask) & words(above)) != 0)
+        w = words(mask)
+        rows, diag, above = (w != 0).any(-1), w == words(tri), (w & words(~tri)) != 0
+    prefix = jnp.all(diag | ~rows[..., None])
+    return jnp.where(prefix, _PREFIX, jnp.where(jnp.any(above), _GENERAL, _CAUSAL)).astype(jnp.int32)
 
 
 def _block(tree: Any, r0: int, r1: int, c1: int) -> Any:
@@ -380,8 +407,11 @@ def layer_head_metrics(
     once per head. A loop over the tables runs an inner loop over the heads that use that table,
     so each table's terms are sliced into row blocks once and every head reads them in place. The
     kernel runs vmapped over the B sequences of one head at a time: temporaries are [B, T, T],
-    not [L, H, B, T, T]. When no mask entry lies above the diagonal (checked on the data), the
-    row blocks of :func:`_row_blocks` skip the upper triangle; otherwise the full kernel runs.
+    not [L, H, B, T, T]. The mask picks one of three branches, checked on the data
+    (:func:`_mask_kind`): for a causal-prefix mask (the one :func:`expected_attention` builds)
+    the row blocks of :func:`_row_blocks` skip the upper triangle and the head kernel masks by
+    position, never reading the mask; for another mask with nothing above the diagonal the row
+    blocks read the mask; otherwise the full kernel runs.
 
     Args:
         expected: [P, B, T, T] expected attention per distinct (n, s).
@@ -403,7 +433,7 @@ def layer_head_metrics(
         "num_queries": jnp.zeros((L * H, B), jnp.int32)
     }
 
-    def run(blocks: list[tuple[int, int, int]]) -> dict[str, jax.Array]:
+    def run(blocks: list[tuple[int, int, int]], prefix: bool) -> dict[str, jax.Array]:
         def table(p: jax.Array, out: dict[str, jax.Array]) -> dict[str, jax.Array]:
             ex, mk = expected[p], mask[p]
             pt_blocks = [jax.vmap(_pair_terms)(*_block((ex, mk), *blk)) for blk in blocks]
@@ -411,7 +441,10 @@ def layer_head_metrics(
             def head(k: jax.Array, out: dict[str, jax.Array]) -> dict[str, jax.Array]:
                 lh = order[k]
                 x = attn[:, lh // H, lh % H]
-                parts = [jax.vmap(_head_terms)(pt, _block(x, *blk)) for pt, blk in zip(pt_blocks, blocks, strict=True)]
+                parts = [
+                    jax.vmap(functools.partial(_head_terms, row0=blk[0] if prefix else None))(pt, _block(x, *blk))
+                    for pt, blk in zip(pt_blocks, blocks, strict=True)
+                ]
                 q = {name: jnp.concatenate([part[name] for part in parts], 1) for name in parts[0]}
                 res = jax.vmap(_means)(q)
                 return {name: out[name].at[lh].set(res[name]) for name in out}
@@ -420,5 +453,10 @@ def layer_head_metrics(
 
         return jax.lax.fori_loop(0, P, table, init)
 
-    out = jax.lax.cond(_is_causal(mask), lambda: run(_row_blocks(T, S, True)), lambda: run(_row_blocks(T, S, False)))
+    branches = [  # indexed by _mask_kind
+        lambda: run(_row_blocks(T, S, True), prefix=True),
+        lambda: run(_row_blocks(T, S, True), prefix=False),
+        lambda: run(_row_blocks(T, S, False), prefix=False),
+    ]
+    out = jax.lax.switch(_mask_kind(mask), branches)
     return {k: v.reshape(L, H, B) for k, v in out.items()}

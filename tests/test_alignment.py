@@ -64,18 +64,25 @@ def test_vmapped_metrics_equal_per_head_python_loop():
             np.testing.assert_allclose(float(got[k][idx]), v, rtol=1e-4, atol=1e-5, err_msg=f"{k} at {idx}")
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_layer_head_metrics_fast_paths_equal_float64_reference(causal):
-    # T = 64 runs the causal row-block path (4 blocks); a mask with a key after its query must
-    # take the full kernel instead, and both must equal the float64 per-row reference.
+@pytest.mark.parametrize("kind", ["prefix", "causal", "general"])
+def test_layer_head_metrics_fast_paths_equal_float64_reference(kind):
+    # T = 64 runs the row-block paths (4 blocks). "prefix" is the mask expected_attention builds;
+    # a masked key below the diagonal needs the causal kernel (which reads the mask), and a key
+    # after its query the full kernel. Each must equal the float64 per-row reference.
+    from jaxattn.alignment import _CAUSAL, _GENERAL, _PREFIX, _mask_kind
+
     H, B, T = 2, 2, 64  # one layer
     e, a, m = random_case(jax.random.PRNGKey(3), (2, B), T)
-    if not causal:
-        m = m.copy()
+    attn = np.stack([a[0], a[1]], axis=1)[:, None].copy()  # [B, L=1, H=2, T, T]
+    attn[:, 0, 0, 30, :31] = 0.0  # an all-zero actual row: its first argmax is key 0
+    if kind == "causal":
+        m[:, :, 20, 5] = False  # a hole below the diagonal, on a valid row
+        attn[:, 0, :, 20, 5] = 0.3  # only visible if the hole were ignored
+    if kind == "general":
         m[:, :, 10, 40] = True
         e[:, :, 10, 40] = 0.5
-    attn = np.stack([a[0], a[1]], axis=1)[:, None]  # [B, L=1, H=2, T, T]
-    attn[:, 0, 1, 10, 40] = 0.2  # only visible through the non-causal mask
+        attn[:, 0, 1, 10, 40] = 0.2  # only visible through the non-causal mask
+    assert int(_mask_kind(jnp.asarray(m))) == {"prefix": _PREFIX, "causal": _CAUSAL, "general": _GENERAL}[kind]
     pair_index = np.array([[1, 0]], np.int32)
     got = layer_head_metrics(jnp.asarray(e), jnp.asarray(m), jnp.asarray(pair_index), jnp.asarray(attn))
     for h in range(H):
@@ -84,6 +91,19 @@ def test_layer_head_metrics_fast_paths_equal_float64_reference(causal):
             ref = ref_sequence(e[p, b], attn[b, 0, h], m[p, b])
             for k, v in ref.items():
                 np.testing.assert_allclose(float(got[k][0, h, b]), v, rtol=1e-5, atol=1e-6, err_msg=f"{k} h={h} b={b}")
+
+
+def test_mask_kind_odd_key_count():
+    # S not a multiple of 4 takes the plain boolean checks.
+    from jaxattn.alignment import _CAUSAL, _GENERAL, _PREFIX, _mask_kind
+
+    tri = np.tri(7, dtype=bool)
+    m = np.stack([tri, tri & (np.arange(7) >= 2)[:, None]])
+    assert int(_mask_kind(jnp.asarray(m))) == _PREFIX
+    m[1, 4, 1] = False
+    assert int(_mask_kind(jnp.asarray(m))) == _CAUSAL
+    m[0, 1, 3] = True
+    assert int(_mask_kind(jnp.asarray(m))) == _GENERAL
 
 
 def test_layer_head_metrics_equal_loop_over_layers_and_heads():
