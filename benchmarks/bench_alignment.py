@@ -7,8 +7,9 @@ expected attention [P, B, T, T] from the count tables. B = 64 (full) or 16 (--qu
 Contenders for the same metrics (kl, cosine, argmax_match, argmax_match_tied, entropy, num_queries
 per layer, head and sequence), same inputs, same process:
 
-* ``alignment.layer_head_metrics`` — ours: one jitted call; expected-side terms once per (n, s)
-  table, a ``lax.map`` over the L*H heads of the kernel vmapped over B, causal row blocks (float32).
+* ``alignment.layer_head_metrics`` — ours: one jitted call; a loop over the (n, s) tables, each
+  computing its expected-side terms once, with an inner loop over the heads that use it running the
+  kernel vmapped over B; causal row blocks, masked by position for a causal-prefix mask (float32).
 * ``per-head loop, numpy`` — the plain per-layer, per-head Python loop: for each (l, h), the
   metrics of all B sequences with numpy (float64, vectorised over sequences and queries). The
   target (ours >= 50x) is against this loop.
@@ -17,8 +18,8 @@ per layer, head and sequence), same inputs, same process:
 * ``seed per-query loop`` — pure Python/numpy per query (as the seed's analysis did), on a
   subsample of queries, extrapolated (labelled).
 * ``ablation: one flat vmap`` — not a peer: the same per-sequence kernel vmapped over all
-  L*H*B (head, sequence) pairs in one call, without the shared expected-side terms, the map over
-  heads or the causal row blocks (the layout of jaxattn 0.1). It shows what those three are worth.
+  L*H*B (head, sequence) pairs in one call, without the shared expected-side terms, the loops over
+  tables and heads or the causal row blocks (the layout of jaxattn 0.1). It shows what those are worth.
 
 Also the forward pass that produces attn, with its FLOP floor: analytic matmul FLOPs / the
 device's measured matmul rate.
@@ -269,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     frac = flops / peak / t_fwd.median_s
     # The compile estimate is first call - median: below the calls' spread it says nothing.
     spread = max(t_fwd.times_s) - min(t_fwd.times_s)
-    fwd_compile = f"compile {fmt_s(t_fwd.compile_s)}" if t_fwd.compile_s > spread else "compile within the calls' spread"
+    fwd_compile = (
+        f"compile {fmt_s(t_fwd.compile_s)}" if t_fwd.compile_s > spread else "compile within the calls' spread"
+    )
     print(
         f"forward pass ({fb} x {T} tokens, seed preset): {fmt_s(t_fwd.median_s)} ({fwd_compile}); "
         f"{flops / 1e9:.0f} GFLOP; FLOP floor at the measured matmul rate {peak / 1e9:.0f} GFLOP/s = "

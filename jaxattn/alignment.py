@@ -3,7 +3,9 @@
 Axis vocabulary: B sequences, L layers, H heads, T query positions, S key positions.
 
 The metric kernel is written for one head and one sequence (:func:`query_metrics`) and
-vmapped over any leading axes by :func:`alignment_metrics`.
+vmapped over any leading axes by :func:`alignment_metrics`. :func:`layer_head_metrics` scores
+every layer and head of a model in one call: it loops over the count tables and, inside, over
+the heads that use each table, running the kernel vmapped over the sequences.
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
