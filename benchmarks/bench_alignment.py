@@ -279,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{fmt_s(flops / peak)}; achieved {100 * frac:.0f}% of it"
     )
     ratio = np_s / o
-    print(f"target: ours >= 50x the per-head numpy loop: {ratio:.1f}x ({'met' if ratio >= 50 else 'MISSED'})")
+    if B == 64 and T == 256:
+        print(f"target: ours >= 50x the per-head numpy loop: {ratio:.1f}x ({'met' if ratio >= 50 else 'MISSED'})")
+    else:  # the issue states the target at 12 x 12 x 64 x 256
+        print(
+            f"ours is {ratio:.1f}x the per-head numpy loop (the >= 50x target is stated at B=64, T=256: the full run)"
+        )
     write_json(
         "alignment_quick" if args.quick else "alignment",
         {
