@@ -213,6 +213,7 @@ def _head_terms(pt: _PairTerms, actual: jax.Array, row0: int | None = None) -> d
         a_keep = a + (pt.keep - 1.0)
     else:
         rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) + row0
+        # A select is fine here: XLA writes this masked copy in its own loop, outside the reductions.
         a = jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) <= rows, x, 0.0)
         a_keep = a
     a_sum = a.sum(-1)
@@ -359,7 +360,7 @@ def _row_blocks(T: int, S: int, causal: bool) -> list[tuple[int, int, int]]:
     return [(r0, r1, r1) for r0, r1 in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def _reduction_sizes(P: int, T: int, S: int) -> list[int]:
+def _reduction_sizes(T: int, S: int) -> list[int]:
     """Per-sequence input sizes of the float sums in :func:`layer_head_metrics` (each is B times one of these)."""
     blocks = _row_blocks(T, S, True) + _row_blocks(T, S, False)
     return [T] + [(r1 - r0) * c1 for r0, r1, c1 in blocks]

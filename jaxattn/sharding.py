@@ -246,7 +246,7 @@ def _pad_axis(x: Any, axis: int, size: int) -> np.ndarray | jax.Array:
 _XLA_SMALL_REDUCTION = 4096
 
 
-def _local_batch(B: int, num_shards: int, P: int, T: int, S: int) -> int:
+def _local_batch(B: int, num_shards: int, T: int, S: int) -> int:
     """Sequences per shard: ``ceil(B / shards)``, raised so each float sum stays in the single-device regime.
 
     Each float sum of the metric kernel has an input of B times a per-sequence size
@@ -259,7 +259,7 @@ def _local_batch(B: int, num_shards: int, P: int, T: int, S: int) -> int:
     from jaxattn.alignment import _reduction_sizes
 
     need = -(-B // num_shards)
-    for per_seq in _reduction_sizes(P, T, S):
+    for per_seq in _reduction_sizes(T, S):
         if B * per_seq >= _XLA_SMALL_REDUCTION:
             need = max(need, -(-_XLA_SMALL_REDUCTION // per_seq))
     return need
@@ -298,7 +298,7 @@ def sharded_layer_head_metrics(
             f"batch or layout mismatch: expected {np.shape(expected)}, pair_index {np.shape(pair_index)}, "
             f"attn {np.shape(attn)}"
         )
-    Bp = _local_batch(B, nd, int(np.shape(expected)[0]), T, S) * nd
+    Bp = _local_batch(B, nd, T, S) * nd
     placed = [
         jax.device_put(jnp.asarray(_pad_axis(x, axis, Bp), dt), NamedSharding(mesh, spec))
         for x, axis, dt, spec in (

@@ -187,12 +187,12 @@ def test_local_batch_keeps_single_device_reduction_regime():
     from jaxattn.sharding import _XLA_SMALL_REDUCTION, _local_batch
 
     # Every sum that is large on one device is large on each shard; small ones need no padding.
-    for B, shards, P, T in ((64, 8, 8, 256), (16, 8, 2, 64), (20, 8, 2, 32), (13, 8, 1, 16)):
-        b = _local_batch(B, shards, P, T, T)
+    for B, shards, T in ((64, 8, 256), (16, 8, 64), (20, 8, 32), (13, 8, 16)):
+        b = _local_batch(B, shards, T, T)
         assert b >= -(-B // shards)
-        for size in _reduction_sizes(P, T, T):
+        for size in _reduction_sizes(T, T):
             if B * size >= _XLA_SMALL_REDUCTION:
-                assert b * size >= _XLA_SMALL_REDUCTION, (B, P, T, size, b)
-    assert _local_batch(64, 8, 8, 256, 256) == 16  # the per-query sums: 16 * 256 = 4096
-    assert _local_batch(16, 8, 2, 64, 64) == 16  # the 16-row block sums: 16 * 16 * 16 = 4096 on one device
-    assert _local_batch(3, 8, 1, 4, 4) == 1  # all sums small on one device already
+                assert b * size >= _XLA_SMALL_REDUCTION, (B, T, size, b)
+    assert _local_batch(64, 8, 256, 256) == 16  # the per-query sums: 16 * 256 = 4096
+    assert _local_batch(16, 8, 64, 64) == 16  # the 16-row block sums: 16 * 16 * 16 = 4096 on one device
+    assert _local_batch(3, 8, 4, 4) == 1  # all sums small on one device already
