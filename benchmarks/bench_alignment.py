@@ -161,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from jaxattn.alignment import layer_head_metrics
+    from jaxattn.derive import derive_params
     from jaxattn.model import forward_batch
-    from jaxattn.pipeline import RunConfig, baseline_params, load_split, prepare
-    from jaxattn.train import forward_flops_per_token
+    from jaxattn.options import forward_flops_per_token
+    from jaxattn.pipeline import RunConfig, load_split, prepare
 
     B = args.num_seqs or (16 if args.quick else 64)
     T = args.seq_len
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     path = str(SHAKESPEARE) if SHAKESPEARE.is_dir() else None
     corpus, eval_corpus = load_split(path, None, run, progress=False)
     prep = prepare(corpus, eval_corpus, run, progress=False)
-    params = baseline_params(prep)
+    params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
     cfg = prep.config
     L, H = cfg.num_layers, cfg.num_heads
     print(

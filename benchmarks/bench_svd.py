@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
         timing = time_call(ours, repeats=repeats)
         U, S, Vt = ours()
-        info = dict(svd_mod._LAST_INFO)
+        info = dict(svd_mod.LAST_INFO)
         tol_v = tol_kw.get("tol", 1e-4)
         results.append(
             {

@@ -4,7 +4,7 @@ For the "small" and "seed" preset sizes (the seed: d_model 768, 12 layers x 12 h
 on count tables and derived weights of the same corpus (default: the built-in stdlib docstrings),
 in one process on the same host-built batches:
 
-* ``jit`` — ours: :func:`jaxattn.train.make_train_step`, compiled once (the trace count is
+* ``jit`` — ours: :func:`jaxattn.options.training.make_train_step`, compiled once (the trace count is
   checked and reported); ``compile_s`` = first call - warm median, reported separately;
 * ``eager`` — the peer: the very same step function run op by op under ``jax.disable_jit()``
   (after one warm-up call that fills the per-primitive cache); ``--quick`` runs it for the
@@ -30,16 +30,17 @@ import jax
 from common import add_common_args, device_matmul_flops, fmt_s, print_table, setup, time_call, write_json
 
 from jaxattn import pipeline
+from jaxattn.derive import derive_params
 from jaxattn.model import ModelConfig
-from jaxattn.train import (
+from jaxattn.options.trained import forward_flops_per_token
+from jaxattn.options.training import (
     TrainConfig,
-    _step_fn,
-    forward_flops_per_token,
     layout_pairs,
     make_batch,
     make_optimizer,
     make_train_step,
     sample_training_tokens,
+    step_fn,
 )
 
 
@@ -61,12 +62,12 @@ def bench_preset(
 ) -> tuple[list[dict[str, Any]], Any]:
     run = pipeline.RunConfig(preset=name, seq_len=seq_len, num_seqs=2)
     prep = pipeline.prepare(corpus, eval_corpus, run, tables=tables, progress=False)
-    params = pipeline.baseline_params(prep)
+    params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
     cfg = TrainConfig(steps=repeats + 2, batch_size=batch_size, seq_len=seq_len)
     pairs, _ = layout_pairs(prep.config)
-    tokens = sample_training_tokens(prep, cfg, jax.random.PRNGKey(0))
-    host = time_call(lambda: make_batch(prep, tokens[0], "kl", pairs), repeats=repeats, first=False)
-    batches = [make_batch(prep, t, "kl", pairs) for t in tokens]
+    tokens = sample_training_tokens(prep.corpus.tokens, prep.corpus.doc_ids, cfg, jax.random.PRNGKey(0))
+    host = time_call(lambda: make_batch(tokens[0], prep.tables, pairs, "kl"), repeats=repeats, first=False)
+    batches = [make_batch(t, prep.tables, pairs, "kl") for t in tokens]
     c = prep.config
     shape = {
         "preset": name,
@@ -93,7 +94,7 @@ def bench_preset(
     rows = [dict(shape, impl="jit (ours)", timing=t_jit, traces=step.traces)]
 
     if eager:
-        fn = _step_fn(c, cfg, optimizer, None)
+        fn = step_fn(c, cfg, optimizer, None)
         s0 = optimizer.init(params)
 
         def eager_call() -> Any:

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jaxattn.counts as jc
 
-    tok_v, seg_v = jc._validate(tokens, 2, 0, V, docs)
+    tok_v, seg_v = jc.validate_tokens(tokens, 2, 0, V, docs)
 
     def ours() -> Any:
         return jaxattn.count_matrix(tokens, 2, 0, V, doc_ids=docs)

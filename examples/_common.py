@@ -24,8 +24,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxattn import pipeline, report
+from jaxattn import pipeline
 from jaxattn.errors import JaxattnError
+from jaxattn.output import atomic_open, ensure_out_dir, metrics_document, write_json
+from jaxattn.output.plots import plot_expected_vs_actual
+from jaxattn.output.tables import format_layer_summary, run_header
+from jaxattn.progress import Timer
 
 
 class Example(NamedTuple):
@@ -36,12 +40,14 @@ class Example(NamedTuple):
         prep: the prepared run (count tables, held-out sequences, expected attention).
         baseline: the seed baseline on ``prep``.
         out: the output directory (created).
+        timer: the stage timer of the run (pass it to the option; ``metrics.json`` reports it).
     """
 
     args: argparse.Namespace
     prep: pipeline.Prepared
     baseline: pipeline.AnalysisResult
     out: Path
+    timer: Timer
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -94,17 +100,17 @@ def setup(
     name = Path(sys.argv[0]).stem or "example"
     progress = not args.no_progress
     try:
-        out = report.ensure_out_dir(args.out or Path("example_out") / name)
-        timer = pipeline.Timer()
+        out = ensure_out_dir(args.out or Path("example_out") / name)
+        timer = Timer()
         with timer.stage("load"):
             corpus, eval_corpus = pipeline.load_split(args.corpus, args.eval_corpus, run, progress=progress)
         prep = pipeline.prepare(corpus, eval_corpus, run, progress=progress, timer=timer)
-        baseline = pipeline.run_baseline(prep, progress=progress)
+        baseline = pipeline.run_baseline(prep, progress=progress, timer=timer)
     except JaxattnError as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"{e.strerror or e}: {e.filename or ''}")
-    return Example(args, prep, baseline, out)
+    return Example(args, prep, baseline, out, timer)
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
@@ -138,7 +144,7 @@ def _plot_before_after(path: Path, summaries: list[list[dict[str, Any]]], labels
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with report.atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -161,19 +167,14 @@ def report_before_after(
     before_rows = pipeline.layer_summary(ex.baseline.records)
     after_rows = pipeline.layer_summary(after.records)
     c = prep.config
-    print(f"corpus: {prep.corpus.source} ({prep.corpus.num_tokens:,} tokens, V={c.vocab_size})")
-    print(f"eval:   {prep.eval_corpus.source}; {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens")
-    print(
-        f"model:  preset {prep.run.preset}: {c.num_layers} layers x {c.num_heads} heads, "
-        f"d_model {c.d_model}, d_head {c.d_head}"
-    )
+    print(run_header(prep))
     print()
     print("per-layer means over heads (min-max over heads): before (baseline) and after")
-    print(report.format_layer_summary(before_rows + after_rows))
+    print(format_layer_summary(before_rows + after_rows))
     vocab = list(prep.corpus.tokenizer.vocab)
     out = ex.out
     _plot_before_after(out / "before_after.png", [before_rows, after_rows], ["baseline", after.option], title)
-    report.plot_expected_vs_actual(
+    plot_expected_vs_actual(
         out / "expected_vs_actual_attention.png",
         prep.expected,
         prep.mask,
@@ -183,15 +184,15 @@ def report_before_after(
         tokens=[vocab[t] for t in prep.tokens[0]],
         title=f"{after.option}: expected (from counts) vs actual attention, sequence 0; key j on x, query i on y",
     )
-    doc = report.metrics_document(
+    doc = metrics_document(
         ex.baseline.records + after.records,
         config={"run": prep.run.to_dict(), "model": c.to_dict()},
         corpus=prep.corpus.info(),
         eval_corpus=prep.eval_corpus.info(),
-        timings=prep.timer.seconds,
+        timings=ex.timer.seconds,
         extra={"layer_summary": before_rows + after_rows, after.option: after.extra, **(extra or {})},
     )
-    report.write_json(out / "metrics.json", doc)
+    write_json(out / "metrics.json", doc)
     print()
     print(f"wrote: {out / 'before_after.png'}, {out / 'expected_vs_actual_attention.png'}, {out / 'metrics.json'}")
     return doc

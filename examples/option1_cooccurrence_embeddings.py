@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--shift", type=float, default=0.0, help="PMI shift log k (default 0)")
     ex = setup(__doc__, arg_parser=p)
     cfg = guarded(lambda: PPMIConfig(window=ex.args.window, alpha=ex.args.alpha, shift=ex.args.shift))
-    after = guarded(lambda: run_option(ex.prep, "1", progress=not ex.args.no_progress, ppmi=cfg))
+    after = guarded(lambda: run_option(ex.prep, "1", progress=not ex.args.no_progress, timer=ex.timer, ppmi=cfg))
     info = after.extra["ppmi"]
     print(
         f"PPMI: density {info['ppmi_density']:.2f}, "

@@ -19,7 +19,9 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--floor", type=float, default=1e-9, help="probability floor inside the log (default 1e-9)")
     ex = setup(__doc__, arg_parser=p)
-    after = guarded(lambda: run_option(ex.prep, "2", progress=not ex.args.no_progress, floor=ex.args.floor))
+    after = guarded(
+        lambda: run_option(ex.prep, "2", progress=not ex.args.no_progress, timer=ex.timer, floor=ex.args.floor)
+    )
     c = after.extra["cost"]
     print("cost of the gathered logits against the derived W_Q/W_K:")
     print(

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 from _common import guarded, parser, report_before_after, setup
 
-from jaxattn import report
-from jaxattn.options import run_option
-from jaxattn.train import default_train_config
+from jaxattn.options import default_train_config, run_option
+from jaxattn.output import atomic_open
 
 
 def plot_curves(path: Path, curves: dict[str, Any], title: str) -> None:
@@ -57,7 +56,7 @@ def plot_curves(path: Path, curves: dict[str, Any], title: str) -> None:
     axes[2].legend(fontsize=6, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with report.atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -82,13 +81,17 @@ def main() -> None:
         "balance": a.balance,
         "eval_every": a.eval_every,
     }
-    cfg = guarded(lambda: default_train_config(ex.prep, **overrides))
+    cfg = guarded(lambda: default_train_config(ex.prep.config, ex.prep.run, **overrides))
     c = cfg
     print(
         f"training E: {c.steps} steps x {c.batch_size} count-corpus sequences of {c.seq_len} tokens, "
         f"objective {c.objective}{f' (balance {c.balance})' if c.objective == 'kl' else ''}, Adam lr {c.learning_rate:g}"
     )
-    after = guarded(lambda: run_option(ex.prep, "4", progress=not a.no_progress, baseline=ex.baseline, train_cfg=cfg))
+    after = guarded(
+        lambda: run_option(
+            ex.prep, "4", progress=not a.no_progress, timer=ex.timer, baseline=ex.baseline, train_cfg=cfg
+        )
+    )
     x = after.extra
     cur = x["curves"]
     print(

@@ -1,7 +1,8 @@
 """jaxattn: attention weights derived in closed form from corpus n-gram statistics.
 
 The public surface is re-exported here; implementation lives in modules named after
-what they hold (corpus, counts, embeddings, derive, model, alignment, pipeline, report, cli).
+what they hold (corpus, counts, svd, embeddings, derive, model, alignment, pipeline, options,
+diagnostics, output, cli); the README draws the layout.
 """
 
 from jaxattn.alignment import alignment_metrics, expected_attention, query_metrics, sample_sequences
@@ -12,8 +13,9 @@ from jaxattn.embeddings import base_embeddings, ngram_embeddings
 from jaxattn.errors import JaxattnError, MemoryBudgetError
 from jaxattn.model import DerivedTransformer, ModelConfig, forward, forward_batch, preset
 from jaxattn.svd import truncated_svd
+from jaxattn.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "Corpus",

@@ -2,16 +2,28 @@
 
 The CLI, examples and benchmarks call these functions; nothing here prints tables or plots.
 
+The data path of one run:
+
+1. :func:`jaxattn.corpus.load_corpus_split` reads the count corpus and the held-out one;
+2. :func:`prepare` counts the tables (:func:`jaxattn.counts.count_tables`), draws the held-out
+   sequences and builds the expected attention (:func:`jaxattn.alignment.expected_for_layout`)
+   into a frozen :class:`Prepared`, the one value an entry point hands to an option;
+3. an option (:mod:`jaxattn.options`; the seed system is :func:`run_baseline`) derives its
+   parameters (:func:`jaxattn.derive.derive_params`), runs the model
+   (:func:`batched_attention`) and measures it (:func:`evaluate`), giving an
+   :class:`AnalysisResult`;
+4. :mod:`jaxattn.output` prints and writes the results.
+
+Below the entry points, functions take the arrays and configs they use by name, not a
+:class:`Prepared`. Stage timings go to an optional :class:`jaxattn.progress.Timer` passed as
+``timer=``.
+
 Axis vocabulary: B sequences, L layers, H heads, T positions, P distinct (n, s) tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import jax
@@ -19,14 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.alignment import METRIC_NAMES, expected_for_layout, layer_head_metrics, pool, sample_sequences
-from jaxattn.corpus import Corpus, corpus_from_documents, read_documents, split_heldout
+from jaxattn.corpus import Corpus, load_corpus_split
 from jaxattn.counts import CountMatrix, check_dense_size, count_tables
 from jaxattn.derive import derive_params
 from jaxattn.errors import JaxattnError
 from jaxattn.model import ModelConfig, Params, forward_batch, preset
-from jaxattn.progress import progress_iter
-
-BUILTIN_HELDOUT = 0.1
+from jaxattn.progress import Timer, progress_iter, stage
+from jaxattn.typing import ArrayLike, Bool, Float, Int, Integer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,25 +76,9 @@ class RunConfig:
         return d
 
 
-class Timer:
-    """Wall time of named stages."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Times the enclosed block under ``name`` (accumulating)."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Prepared:
-    """Data shared by every option of one run.
+    """Data shared by every option of one run (frozen: options never change it).
 
     Attributes:
         run: the run config.
@@ -96,7 +91,6 @@ class Prepared:
         pair_index: int32 [L, H] index into ``pairs`` per head.
         expected: float32 [P, B, T, T] expected attention.
         mask: bool [P, B, T, T] valid query-key pairs.
-        timer: stage timings.
     """
 
     run: RunConfig
@@ -109,47 +103,54 @@ class Prepared:
     pair_index: np.ndarray
     expected: np.ndarray
     mask: np.ndarray
-    timer: Timer
 
     def key(self, name: str) -> jax.Array:
-        """A PRNG key for a named purpose, derived from the run seed."""
-        return jax.random.fold_in(jax.random.PRNGKey(self.run.seed), _stable_hash(name))
+        """A PRNG key for a named purpose, derived from the run seed (:func:`run_key`)."""
+        return run_key(self.run.seed, name)
 
 
-def _stable_hash(name: str) -> int:
+def run_key(seed: int, name: str) -> jax.Array:
+    """The PRNG key of one named purpose ("derive", "sequences", ...) of a run.
+
+    Args:
+        seed: the run seed.
+        name: the purpose; the same name always gives the same key.
+
+    Returns:
+        A legacy uint32 [2] key, ``fold_in(PRNGKey(seed), stable_hash(name))``.
+    """
     h = 0
-    for ch in name.encode():
+    for ch in name.encode():  # a hash that is stable across processes (unlike hash())
         h = (h * 131 + ch) % (2**31 - 1)
-    return h
+    return jax.random.fold_in(jax.random.PRNGKey(seed), h)
 
 
 def load_split(
     corpus_path: str | None, eval_path: str | None, run: RunConfig, *, progress: bool = True
 ) -> tuple[Corpus, Corpus]:
-    """Loads the count corpus and the evaluation corpus with one tokenizer.
+    """The count corpus and the evaluation corpus of a run, sharing one tokenizer.
 
-    The tokenizer is built on the count corpus only; tokens unseen there map to <unk>.
+    :func:`jaxattn.corpus.load_corpus_split` with the run's ``heldout``, ``tokenizer`` and
+    ``max_vocab``: the tokenizer is built on the count corpus only; tokens unseen there map
+    to <unk>.
+
+    Args:
+        corpus_path: file, directory or glob (None: the built-in corpus).
+        eval_path: the evaluation corpus (None: a held-out split of the count corpus).
+        run: the run config.
+        progress: progress bars.
+
+    Returns:
+        (count corpus, evaluation corpus).
     """
-    from jaxattn.corpus import build_tokenizer
-
-    docs = read_documents(corpus_path, progress=progress)
-    source = corpus_path if corpus_path is not None else "builtin:stdlib-docstrings"
-    if eval_path is not None:
-        train_docs, eval_docs = docs, read_documents(eval_path, progress=progress)
-        eval_source = eval_path
-    else:
-        heldout = run.heldout if (run.heldout is not None or corpus_path is not None) else BUILTIN_HELDOUT
-        train_docs, eval_docs = split_heldout(docs, heldout)
-        eval_source = (
-            f"{source} (held out: {', '.join(d.name for d in eval_docs[:3])}{' ...' if len(eval_docs) > 3 else ''})"
-        )
-    tok = build_tokenizer(train_docs, run.tokenizer, max_vocab=run.max_vocab)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # May extend the tokenizer with <unk> for unseen held-out tokens; both share it.
-        eval_corpus = corpus_from_documents(eval_docs, tok, source=eval_source)
-    corpus = corpus_from_documents(train_docs, eval_corpus.tokenizer, source=source)
-    return corpus, eval_corpus
+    return load_corpus_split(
+        corpus_path,
+        eval_path=eval_path,
+        heldout=run.heldout,
+        tokenizer=run.tokenizer,
+        max_vocab=run.max_vocab,
+        progress=progress,
+    )
 
 
 def check_run_memory(config: ModelConfig, run: RunConfig) -> None:
@@ -193,19 +194,18 @@ def prepare(
         run: run config.
         tables: reuse these count tables instead of counting.
         progress: show progress bars.
-        timer: stage timer to add to.
+        timer: stage timer to add to (None: untimed).
 
     Returns:
         :class:`Prepared`.
     """
-    timer = timer or Timer()
     config = preset(run.preset, corpus.vocab_size, tokenizer=run.tokenizer, **dict(run.model_overrides))
     # Refuse before counting, not after minutes of work: sequences that cannot be drawn, arrays too big.
     longest = int(np.bincount(eval_corpus.doc_ids).max()) if eval_corpus.num_tokens else 0
     if int(run.seq_len) > longest:
         raise JaxattnError(f"seq_len={run.seq_len} is longer than every document (the longest has {longest} tokens)")
     check_run_memory(config, run)
-    with timer.stage("count"):
+    with stage(timer, "count"):
         if tables is None:
             tables = count_tables(
                 corpus.tokens,
@@ -225,8 +225,8 @@ def prepare(
         missing = [p for p in config.pairs if p not in tables]
         if missing:
             raise JaxattnError(f"loaded tables lack (n, s) = {missing} needed by preset {run.preset!r}")
-    with timer.stage("expected"):
-        key = jax.random.fold_in(jax.random.PRNGKey(run.seed), _stable_hash("sequences"))
+    with stage(timer, "expected"):
+        key = run_key(run.seed, "sequences")
         tokens = sample_sequences(eval_corpus.tokens, eval_corpus.doc_ids, run.seq_len, run.num_seqs, key)
         pairs = sorted({config.layout(l, h) for l in range(config.num_layers) for h in range(config.num_heads)})
         pair_index = np.array(
@@ -234,31 +234,27 @@ def prepare(
             dtype=np.int32,
         )
         expected, mask = expected_for_layout(tables, tokens, pairs)
-    return Prepared(run, config, corpus, eval_corpus, tables, tokens, pairs, pair_index, expected, mask, timer)
-
-
-def baseline_params(prep: Prepared) -> Params:
-    """The seed derivation's parameters for this run."""
-    with prep.timer.stage("derive"):
-        params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
-        jax.block_until_ready(params)
-    return params
+    return Prepared(run, config, corpus, eval_corpus, tables, tokens, pairs, pair_index, expected, mask)
 
 
 def batched_attention(
-    prep: Prepared,
     params: Params,
+    tokens: Integer[ArrayLike, "B T"],
+    config: ModelConfig,
     *,
+    batch_size: int = 16,
     qk_inputs_fn: Any = None,
     attn_logits_fn: Any = None,
     progress: bool = True,
     desc: str = "forward",
-) -> np.ndarray:
-    """Actual attention of the model on the evaluation sequences, in batches.
+) -> Float[np.ndarray, "B L H T T"]:
+    """Actual attention of the model on the evaluation sequences, ``batch_size`` at a time.
 
     Args:
-        prep: the prepared run.
         params: model parameters.
+        tokens: int [B, T] evaluation sequences.
+        config: the model config.
+        batch_size: sequences per forward call (bounds memory).
         qk_inputs_fn: optional ``tokens [b, T] -> (q_in, k_in)`` each [b, L, T, D].
         attn_logits_fn: optional ``tokens [b, T] -> logits`` [b, L, H, T, T].
         progress: show a progress bar.
@@ -267,28 +263,39 @@ def batched_attention(
     Returns:
         float32 [B, L, H, T, T].
     """
-    B = prep.tokens.shape[0]
-    bs = max(1, int(prep.run.batch_size))
+    tokens = np.asarray(tokens)
+    B = tokens.shape[0]
+    bs = max(1, int(batch_size))
     chunks = []
-    with prep.timer.stage("forward"):
-        for start in progress_iter(range(0, B, bs), desc=desc, enabled=progress, total=-(-B // bs)):
-            tok = prep.tokens[start : start + bs]
-            kw: dict[str, Any] = {}
-            if qk_inputs_fn is not None:
-                kw["qk_inputs"] = qk_inputs_fn(tok)
-            if attn_logits_fn is not None:
-                kw["attn_logits"] = attn_logits_fn(tok)
-            out = forward_batch(params, jnp.asarray(tok), prep.config, **kw)
-            chunks.append(np.asarray(out.attn))
+    for start in progress_iter(range(0, B, bs), desc=desc, enabled=progress, total=-(-B // bs)):
+        tok = tokens[start : start + bs]
+        kw: dict[str, Any] = {}
+        if qk_inputs_fn is not None:
+            kw["qk_inputs"] = qk_inputs_fn(tok)
+        if attn_logits_fn is not None:
+            kw["attn_logits"] = attn_logits_fn(tok)
+        out = forward_batch(params, jnp.asarray(tok), config, **kw)
+        chunks.append(np.asarray(out.attn))
     return np.concatenate(chunks, axis=0)
 
 
-def evaluate(prep: Prepared, attn: np.ndarray, option: str = "baseline") -> list[dict[str, Any]]:
+def evaluate(
+    expected: Float[ArrayLike, "P B T T"],
+    mask: Bool[ArrayLike, "P B T T"],
+    pair_index: Int[ArrayLike, "L H"],
+    attn: Float[ArrayLike, "B L H T T"],
+    config: ModelConfig,
+    *,
+    option: str = "baseline",
+) -> list[dict[str, Any]]:
     """Per-layer, per-head alignment records (SPEC §5 schema plus spread fields).
 
     Args:
-        prep: the prepared run.
+        expected: float32 [P, B, T, T] expected attention of each distinct (n, s) table.
+        mask: bool [P, B, T, T] valid query-key pairs.
+        pair_index: int32 [L, H] index into the P tables per head.
         attn: float32 [B, L, H, T, T] actual attention.
+        config: the model config (its layout gives each head's (n, s)).
         option: the option label written into each record.
 
     Returns:
@@ -296,16 +303,13 @@ def evaluate(prep: Prepared, attn: np.ndarray, option: str = "baseline") -> list
         argmax_match, argmax_match_tied, entropy, num_queries, num_dropped`` and, for each
         metric, ``_std``, ``_min`` and ``_max`` over sequences.
     """
-    with prep.timer.stage("metrics"):
-        m = layer_head_metrics(
-            jnp.asarray(prep.expected), jnp.asarray(prep.mask), jnp.asarray(prep.pair_index), jnp.asarray(attn)
-        )
-        pooled = pool(jax.device_get(m), axis=2)
-    B, T = prep.tokens.shape
+    m = layer_head_metrics(jnp.asarray(expected), jnp.asarray(mask), jnp.asarray(pair_index), jnp.asarray(attn))
+    pooled = pool(jax.device_get(m), axis=2)
+    B, T = np.shape(expected)[1], np.shape(expected)[2]
     records = []
-    for l in range(prep.config.num_layers):
-        for h in range(prep.config.num_heads):
-            n, s = prep.config.layout(l, h)
+    for l in range(config.num_layers):
+        for h in range(config.num_heads):
+            n, s = config.layout(l, h)
             rec: dict[str, Any] = {"option": option, "layer": l, "head": h, "n": n, "s": s}
             for k in METRIC_NAMES:
                 rec[k] = float(pooled[k][l, h])
@@ -318,7 +322,7 @@ def evaluate(prep: Prepared, attn: np.ndarray, option: str = "baseline") -> list
     return records
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AnalysisResult:
     """One option's outcome on a prepared run.
 
@@ -337,11 +341,25 @@ class AnalysisResult:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def run_baseline(prep: Prepared, *, progress: bool = True) -> AnalysisResult:
-    """The seed system, faithfully: derive, run, measure."""
-    params = baseline_params(prep)
-    attn = batched_attention(prep, params, progress=progress)
-    return AnalysisResult("baseline", evaluate(prep, attn, "baseline"), attn, params)
+def run_baseline(prep: Prepared, *, progress: bool = True, timer: Timer | None = None) -> AnalysisResult:
+    """The seed system, faithfully: derive, run, measure.
+
+    Args:
+        prep: the prepared run.
+        progress: progress bars.
+        timer: stage timer (stages "derive", "forward", "metrics").
+
+    Returns:
+        :class:`AnalysisResult` labelled "baseline".
+    """
+    with stage(timer, "derive"):
+        params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
+        jax.block_until_ready(params)
+    with stage(timer, "forward"):
+        attn = batched_attention(params, prep.tokens, prep.config, batch_size=prep.run.batch_size, progress=progress)
+    with stage(timer, "metrics"):
+        records = evaluate(prep.expected, prep.mask, prep.pair_index, attn, prep.config, option="baseline")
+    return AnalysisResult("baseline", records, attn, params)
 
 
 def analyze(
@@ -350,18 +368,25 @@ def analyze(
     eval_path: str | None = None,
     run: RunConfig | None = None,
     progress: bool = True,
+    timer: Timer | None = None,
 ) -> tuple[Prepared, AnalysisResult]:
     """Loads, counts, derives and measures the seed system end to end.
+
+    Args:
+        corpus_path: count corpus (file, directory, glob; None: the built-in corpus).
+        eval_path: evaluation corpus (None: a held-out split of the count corpus).
+        run: the run config (default :class:`RunConfig`).
+        progress: progress bars.
+        timer: stage timer.
 
     Returns:
         (the prepared run, the baseline result).
     """
     run = run or RunConfig()
-    timer = Timer()
-    with timer.stage("load"):
+    with stage(timer, "load"):
         corpus, eval_corpus = load_split(corpus_path, eval_path, run, progress=progress)
     prep = prepare(corpus, eval_corpus, run, progress=progress, timer=timer)
-    return prep, run_baseline(prep, progress=progress)
+    return prep, run_baseline(prep, progress=progress, timer=timer)
 
 
 def layer_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,9 +1,16 @@
-"""Progress bars for long steps (tqdm on stderr), switched off for short or quiet runs."""
+"""Progress bars for long steps (tqdm on stderr) and wall-time stage timers.
+
+Bars are switched off for short or quiet runs. A :class:`Timer` is created by an entry point
+(the CLI, an example, a benchmark) and passed down by name as ``timer=``; library functions
+time their stages with :func:`stage`, which does nothing when no timer is given.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -23,3 +30,36 @@ def progress_iter(items: Iterable[T], *, desc: str, enabled: bool = True, total:
     from tqdm.auto import tqdm
 
     yield from tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+class Timer:
+    """Wall time of named stages, accumulated over repeated entries.
+
+    Attributes:
+        seconds: ``{stage name: seconds}``.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Times the enclosed block under ``name`` (accumulating)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def stage(timer: Timer | None, name: str) -> contextlib.AbstractContextManager[None]:
+    """``timer.stage(name)``, or a no-op context when ``timer`` is None.
+
+    Args:
+        timer: the run's timer, or None when nobody is timing.
+        name: the stage name.
+
+    Returns:
+        A context manager.
+    """
+    return timer.stage(name) if timer is not None else contextlib.nullcontext()

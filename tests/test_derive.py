@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn.embeddings import context_probabilities, orthonormal_embeddings
+from jaxattn.embeddings import orthonormal_embeddings
 from jaxattn.errors import JaxattnError
-from tests.conftest import markov_corpus
+from tests.helpers import markov_corpus
 
 
 def np_svd_signed(M, r):
@@ -78,26 +78,6 @@ def test_vo_match_numpy_formulas(tables):
     U, S, Vt = np_svd_signed(P, r)
     np.testing.assert_allclose(np.asarray(WV), (U * np.sqrt(S)).T @ En, atol=1e-5)
     np.testing.assert_allclose(np.asarray(WO), E.T @ Vt.T * np.sqrt(S), atol=1e-5)
-
-
-def test_ngram_embeddings_follow_seed_formula(tables):
-    cm2, cm1 = tables[(2, 0)], tables[(1, 0)]
-    E = np.asarray(jaxattn.base_embeddings(jax.random.PRNGKey(5), 12, 16))
-    En = np.asarray(jaxattn.ngram_embeddings(E, cm2.contexts, cm1))
-    P1 = np.asarray(jaxattn.probability_matrix(cm1))
-    row_of = {int(c[0]): i for i, c in enumerate(cm1.contexts)}
-    for r, (a, b) in enumerate(cm2.contexts):
-        np.testing.assert_allclose(En[r], P1[row_of[int(a)], b] * E[b], rtol=1e-5, atol=1e-7)
-    # Rank <= V: every bigram ending in t shares E[t]'s direction.
-    assert np.linalg.matrix_rank(En, tol=1e-6) <= 12
-    np.testing.assert_allclose(context_probabilities(cm2.contexts, cm1) > 0, True)
-
-
-def test_base_embeddings_unit_norm_and_deterministic():
-    a = jaxattn.base_embeddings(jax.random.PRNGKey(0), 30, 64)
-    b = jaxattn.base_embeddings(jax.random.PRNGKey(0), 30, 64)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(a), axis=1), 1.0, rtol=1e-5)
 
 
 def test_normalize_std():

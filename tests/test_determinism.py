@@ -3,7 +3,7 @@
 Three runs with the same seed must give byte-identical ``metrics.json`` "results": a first run
 (in-process, ``--save``), a second one reusing the saved tables (``--load``), and a third in a
 fresh process with 8 simulated CPU devices, which also counts and scores sharded over all 8
-(:mod:`jaxattn.sharding`) and must match the single-device numbers bit for bit.
+(:mod:`jaxattn.counts.sharded`, :mod:`jaxattn.alignment.sharded`) and must match the single-device numbers bit for bit.
 
 The corpus directory mixes in hostile files that must be handled, not fatal: bytes that are not
 UTF-8 (replaced, one warning line), an empty file and a binary file (both skipped).
@@ -33,6 +33,7 @@ import jaxattn
 from jaxattn import alignment, cli, pipeline
 from jaxattn.corpus import read_documents
 from jaxattn.model import ModelConfig
+from tests.helpers import baseline_attention
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = "7"
@@ -83,15 +84,18 @@ SHARDED_SCRIPT = textwrap.dedent(
     assert cli.main(args) == 0
     assert jax.device_count() == 8
     try:  # a failure here fails only the sharding test
-        from jaxattn import sharding
+        from jaxattn.alignment import sharded_layer_head_metrics
+        from jaxattn.counts import make_mesh
         run = cli.run_config_from_args(cli.build_parser().parse_args(args))
         corpus, ev = pipeline.load_split(args[args.index("--corpus") + 1], None, run, progress=False)
         cfg = pipeline.preset(run.preset, corpus.vocab_size, **dict(run.model_overrides))
-        mesh = sharding.make_mesh(8)
+        mesh = make_mesh(8)
         tables = count_tables(corpus.tokens, cfg.vocab_size, cfg.max_n, cfg.max_s, doc_ids=corpus.doc_ids, mesh=mesh)
         prep = pipeline.prepare(corpus, ev, run, tables=tables, progress=False)
-        attn = pipeline.batched_attention(prep, pipeline.baseline_params(prep), progress=False)
-        m = sharding.sharded_layer_head_metrics(prep.expected, prep.mask, prep.pair_index, attn, mesh)
+        from jaxattn.derive import derive_params
+        params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
+        attn = pipeline.batched_attention(params, prep.tokens, prep.config, batch_size=prep.run.batch_size, progress=False)
+        m = sharded_layer_head_metrics(prep.expected, prep.mask, prep.pair_index, attn, mesh)
         h = {f"{k}": hashlib.sha256(b"".join(np.ascontiguousarray(getattr(t, f)).tobytes()
              for f in ("contexts", "rows", "cols", "values"))).hexdigest() for k, t in sorted(tables.items())}
         print(json.dumps({"tables": h, "metrics": {k: np.asarray(v).tolist() for k, v in m.items()},
@@ -163,7 +167,7 @@ def test_sharded_counts_and_metrics_equal_single_device(runs, corpus_dir):
         for k, t in sorted(prep.tables.items())
     }
     assert tables == runs["sharded"]["tables"]
-    attn = pipeline.batched_attention(prep, pipeline.baseline_params(prep), progress=False)
+    attn = baseline_attention(prep)
     assert hashlib.sha256(np.ascontiguousarray(attn).tobytes()).hexdigest() == runs["sharded"]["attn"]
     m = alignment.layer_head_metrics(
         jax.numpy.asarray(prep.expected), jax.numpy.asarray(prep.mask), jax.numpy.asarray(prep.pair_index), attn

@@ -10,7 +10,7 @@ import pytest
 
 import jaxattn
 from jaxattn.model import attention_head, causal_softmax, forward, init_mlp
-from tests.conftest import markov_corpus
+from tests.helpers import markov_corpus
 
 
 @pytest.fixture(scope="module")

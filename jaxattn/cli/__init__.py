@@ -1,0 +1,58 @@
+"""``jaxattn`` command line: ``analyze`` (the main job) and ``compare`` (every option side by side).
+
+* :mod:`~jaxattn.cli.common`: the parser class, the shared flags, load-and-prepare;
+* :mod:`~jaxattn.cli.analyze`: ``jaxattn analyze``;
+* :mod:`~jaxattn.cli.compare`: ``jaxattn compare``.
+
+Bad input exits with status 2 and one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from jaxattn.cli import analyze, compare
+from jaxattn.cli.common import Parser, run_config_from_args, show_warning
+from jaxattn.errors import JaxattnError, MemoryBudgetError
+
+__all__ = ["build_parser", "main", "run_config_from_args"]
+
+#: The subcommands: name -> handler(args) -> exit status.
+COMMANDS = {"analyze": analyze.cmd_analyze, "compare": compare.cmd_compare}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = Parser(prog="jaxattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    analyze.add_parser(sub)
+    compare.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxattn`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning  # one line per warning, like the errors
+            return COMMANDS[args.command](args)
+    except JaxattnError as e:
+        msg = " ".join(str(e).splitlines())  # exactly one line on stderr
+        if isinstance(e, MemoryBudgetError):
+            msg = msg.replace("raise it with max_dense_bytes= or", "raise it with --max-dense-bytes or")
+        print(f"jaxattn: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxattn: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"jaxattn: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2

@@ -1,0 +1,163 @@
+"""What every subcommand shares: the argument parser class, the common flags, and load-and-prepare.
+
+Bad input exits with status 2 and one line on stderr, without a traceback (:class:`Parser`
+for argument errors; :func:`jaxattn.cli.main` for library errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from jaxattn.model import preset
+from jaxattn.output import load_tables
+from jaxattn.pipeline import Prepared, RunConfig, load_split, prepare
+from jaxattn.progress import Timer
+
+__all__ = [
+    "Parser",
+    "add_common_arguments",
+    "byte_count",
+    "check_model_config",
+    "load_and_prepare",
+    "positive_int",
+    "run_config_from_args",
+    "show_warning",
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"jaxattn: error: {message} (see `jaxattn {self.prog.split()[-1]} --help`)\n")
+
+
+def positive_int(name: str) -> Callable[[str], int]:
+    """An argparse type for an integer >= 1 (argparse names the flag ``name`` in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from e
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def byte_count(text: str) -> int:
+    """A positive, finite number of bytes such as ``4e9`` (argparse names the flag)."""
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be a number of bytes, got {text!r}") from e
+    if not (1 <= v < float(2**63)):  # also rejects nan and inf
+        raise argparse.ArgumentTypeError(f"must be a number of bytes in [1, 2**63), got {text!r}")
+    return int(v)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The corpus, model, evaluation and output flags that ``analyze`` and ``compare`` share."""
+    p.add_argument("--corpus", default=None, help="text file, directory or glob (default: Python stdlib docstrings)")
+    p.add_argument(
+        "--eval-corpus", default=None, help="text scored for alignment (default: a held-out split of --corpus)"
+    )
+    p.add_argument(
+        "--heldout", default=None, help="held-out split when no --eval-corpus: a document name or a fraction"
+    )
+    p.add_argument("--tokenizer", choices=("char", "word"), default="char")
+    p.add_argument("--max-vocab", type=positive_int("--max-vocab"), default=None, help="word level: top-k plus <unk>")
+    p.add_argument("--preset", default="seed", help="model preset: seed or small (default: seed)")
+    p.add_argument("--d-model", type=positive_int("--d-model"), default=None)
+    p.add_argument("--d-head", type=positive_int("--d-head"), default=None)
+    p.add_argument("--layers", type=positive_int("--layers"), default=None)
+    p.add_argument("--heads", type=positive_int("--heads"), default=None)
+    p.add_argument("--out", default="jaxattn_out", help="output directory (default: ./jaxattn_out)")
+    p.add_argument(
+        "--seq-len", type=positive_int("--seq-len"), default=64, help="tokens per evaluation sequence T (default 64)"
+    )
+    p.add_argument(
+        "--num-seqs", type=positive_int("--num-seqs"), default=32, help="number of evaluation sequences B (default 32)"
+    )
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of every PRNG key (default 0)")
+    p.add_argument(
+        "--max-dense-bytes",
+        type=byte_count,
+        default=None,
+        help="memory budget for dense arrays, bytes (default 4 GiB)",
+    )
+    p.add_argument("--load", default=None, help="reuse count tables saved in this directory instead of counting")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A :class:`jaxattn.pipeline.RunConfig` from parsed arguments."""
+    heldout: str | float | None = args.heldout
+    if isinstance(heldout, str):
+        try:
+            heldout = float(heldout)
+        except ValueError:
+            pass
+    overrides = {
+        "d_model": args.d_model,
+        "d_head": args.d_head,
+        "num_layers": args.layers,
+        "num_heads": args.heads,
+    }
+    return RunConfig(
+        preset=args.preset,
+        tokenizer=args.tokenizer,
+        max_vocab=args.max_vocab,
+        seq_len=args.seq_len,
+        num_seqs=args.num_seqs,
+        seed=args.seed,
+        heldout=heldout,
+        model_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
+        max_dense_bytes=int(args.max_dense_bytes) if args.max_dense_bytes is not None else None,
+        batch_size=args.batch_size,
+    )
+
+
+def check_model_config(run: RunConfig) -> None:
+    """Validates the preset and its overrides before any slow step (raises JaxattnError)."""
+    preset(run.preset, 2, **dict(run.model_overrides))
+
+
+def load_and_prepare(
+    args: argparse.Namespace, run: RunConfig, *, timer: Timer, progress: bool
+) -> tuple[Prepared, dict[str, Any]]:
+    """Loads the corpora, the saved tables when ``--load`` is given, and prepares the run.
+
+    Saved tables are checked against this corpus the same way for every subcommand: the
+    vocabulary and tokenizer must match, and another corpus's tables give a warning.
+
+    Args:
+        args: parsed arguments (``corpus``, ``eval_corpus``, ``load``).
+        run: the run config.
+        timer: the run's stage timer.
+        progress: progress bars.
+
+    Returns:
+        (the prepared run, artefact provenance: ``{"loaded_tables_from": DIR}`` or ``{}``).
+    """
+    with timer.stage("load"):
+        corpus, eval_corpus = load_split(args.corpus, args.eval_corpus, run, progress=progress)
+    tables = None
+    artefacts: dict[str, Any] = {}
+    if getattr(args, "load", None):
+        with timer.stage("load_tables"):
+            tables = load_tables(args.load, corpus=corpus, max_dense_bytes=run.max_dense_bytes)
+        artefacts["loaded_tables_from"] = str(args.load)
+    prep = prepare(corpus, eval_corpus, run, tables=tables, progress=progress, timer=timer)
+    return prep, artefacts
+
+
+def show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """``warnings.showwarning`` replacement: one line per warning on stderr, like the errors."""
+    print(f"jaxattn: warning: {' '.join(str(message).splitlines())}", file=sys.stderr)

@@ -1,0 +1,293 @@
+"""``jaxattn compare``: the baseline and options 1-4 side by side, the ablation and the diagnostics.
+
+Every option runs on the same :class:`jaxattn.pipeline.Prepared` run (same count tables, same
+held-out sequences, same expected attention), so their numbers are directly comparable.
+
+Outputs in ``--out``:
+    metrics.json            SPEC §5 records (one per option, layer and head) plus
+                            ``options_summary``, ``layer_summary``, ``option_extras``,
+                            ``ablation``, ``diagnostics`` and ``verdicts``.
+    options_comparison.png  per-layer cosine and tied argmax match of every option.
+    ablation.json / .png    the Option 3 ablation table.
+    diagnostics.json / .png the root-cause diagnostics and the verdicts on the seed's claims.
+    heatmap_<option>_<metric>.png, expected_vs_actual_attention.png (best option),
+    embedding_similarity.png (the baseline's E).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxattn import diagnostics, options
+from jaxattn.alignment import METRIC_NAMES
+from jaxattn.cli.common import add_common_arguments, check_model_config, load_and_prepare, run_config_from_args
+from jaxattn.errors import JaxattnError
+from jaxattn.output import ensure_out_dir, jsonable, metrics_document, plots, tables, write_json
+from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary, run_baseline
+from jaxattn.progress import Timer, progress_iter
+
+__all__ = ["CompareOutcome", "add_parser", "best_option", "cmd_compare", "option_summary", "run_all"]
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Adds the ``compare`` subcommand to ``sub`` (an argparse subparsers action)."""
+    c = sub.add_parser("compare", help="run the baseline and options 1-4 side by side")
+    add_common_arguments(c)
+    c.add_argument("--train-steps", type=int, default=None, help="Option 4 training steps")
+    c.add_argument(
+        "--options",
+        default="all",
+        help="comma list of options to run: all (default) or any of baseline,1,2,3,4 (e.g. baseline,2)",
+    )
+    c.add_argument("--skip-ablation", action="store_true", help="do not run the Option 3 ablation table")
+    c.add_argument("--skip-diagnostics", action="store_true", help="do not run the root-cause diagnostics")
+    return c
+
+
+def option_summary(records: list[dict[str, Any]], num_layers: int, seconds: float | None = None) -> dict[str, Any]:
+    """Overall, layer-0 and deeper-layer means of one option's records (means over heads)."""
+    out: dict[str, Any] = {"option": records[0]["option"] if records else "?"}
+    groups = {"all": lambda l: True, "layer0": lambda l: l == 0, "deeper": lambda l: l > 0}
+    for gname, keep in groups.items():
+        sel = [r for r in records if keep(r["layer"])]
+        if not sel:
+            continue
+        for m in METRIC_NAMES:
+            out[f"{m}_{gname}" if gname != "all" else m] = float(np.mean([r[m] for r in sel]))
+    out["num_layers"] = num_layers
+    if seconds is not None:
+        out["seconds"] = float(seconds)
+    return out
+
+
+def best_option(summaries: list[dict[str, Any]]) -> str:
+    """The option with the highest mean tied argmax match (ties broken by cosine)."""
+    return max(summaries, key=lambda s: (s["argmax_match_tied"], s["cosine"]))["option"]
+
+
+def run_all(
+    prep: Prepared,
+    selected: list[str],
+    *,
+    train_steps: int | None = None,
+    progress: bool = True,
+    need_baseline: bool = True,
+    timer: Timer | None = None,
+) -> tuple[list[AnalysisResult], AnalysisResult | None, dict[str, float]]:
+    """Runs the selected options on one prepared run.
+
+    The baseline is computed first whenever it is selected, needed by the diagnostics
+    (``need_baseline``) or by Option 4 (which starts from it and reuses its "before" numbers).
+
+    Returns:
+        (results of the selected options in order, the baseline result or None,
+        wall seconds per option label).
+    """
+    seconds: dict[str, float] = {}
+    base = None
+    if "baseline" in selected or need_baseline or "4" in selected:
+        t0 = time.perf_counter()
+        base = run_baseline(prep, progress=progress, timer=timer)
+        seconds["baseline"] = time.perf_counter() - t0
+    results = []
+    for opt in progress_iter(selected, desc="compare: options", enabled=progress):
+        if opt == "baseline":
+            assert base is not None
+            results.append(base)
+            continue
+        kw: dict[str, Any] = {}
+        if opt == "4":
+            kw["baseline"] = base
+            if train_steps is not None:
+                kw["steps"] = int(train_steps)
+        t0 = time.perf_counter()
+        res = options.run_option(prep, opt, progress=progress, timer=timer, **kw)
+        seconds[res.option] = time.perf_counter() - t0
+        results.append(res)
+    return results, base, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareOutcome:
+    """Everything ``compare`` computed, for printing and writing.
+
+    Attributes:
+        results: the selected options' results, in canonical order.
+        base: the baseline result (None when neither selected nor needed).
+        ablation_rows: the Option 3 ablation rows (None when skipped).
+        diag: the diagnostics (None when skipped).
+        verdict_rows: the verdicts on the seed's claims (None when skipped).
+        seconds: wall seconds per option label (and "ablation").
+        selected: the selected option names.
+        train_steps: Option 4's ``--train-steps``.
+    """
+
+    results: list[AnalysisResult]
+    base: AnalysisResult | None
+    ablation_rows: list[dict[str, Any]] | None
+    diag: dict[str, Any] | None
+    verdict_rows: list[dict[str, str]] | None
+    seconds: dict[str, float]
+    selected: list[str]
+    train_steps: int | None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``jaxattn compare``: every option on the same held-out sequences, plus ablation and diagnostics."""
+    selected = options.parse_options(getattr(args, "options", None))
+    train_steps = getattr(args, "train_steps", None)
+    if train_steps is not None and int(train_steps) < 1:
+        raise JaxattnError(f"--train-steps must be >= 1, got {train_steps}")
+    skip_ablation = bool(getattr(args, "skip_ablation", False))
+    skip_diagnostics = bool(getattr(args, "skip_diagnostics", False))
+    run = run_config_from_args(args)
+    progress = not args.no_progress
+    # Validate the model config and the output directory before any slow step.
+    check_model_config(run)
+    out = ensure_out_dir(args.out)
+    timer = Timer()
+    prep, _ = load_and_prepare(args, run, timer=timer, progress=progress)
+    results, base, seconds = run_all(
+        prep, selected, train_steps=train_steps, progress=progress, need_baseline=not skip_diagnostics, timer=timer
+    )
+    ablation_rows = None
+    if not skip_ablation:
+        t0 = time.perf_counter()
+        ablation_rows = options.ablation(prep, progress=progress, timer=timer)
+        seconds["ablation"] = time.perf_counter() - t0
+    diag, verdict_rows = None, None
+    if not skip_diagnostics:
+        assert base is not None and base.params is not None
+        diag = diagnostics.diagnose(prep, base.params, base.attn, progress=progress, timer=timer)
+        verdict_rows = diagnostics.verdicts(diag)
+    outcome = CompareOutcome(results, base, ablation_rows, diag, verdict_rows, seconds, selected, train_steps)
+    write_compare_outputs(out, prep, outcome, timer=timer)
+    return 0
+
+
+def print_comparison(
+    prep: Prepared, summaries: list[dict[str, Any]], layer_rows: list[dict[str, Any]], extras: dict[str, Any]
+) -> None:
+    """The run header, the options summary, the per-layer table and each option's scalar extras."""
+    print(tables.run_header(prep, same_for_every_option=True))
+    print()
+    print("options, means over all heads (layer 0 | layers 1+):")
+    print(tables.format_options_summary(summaries))
+    print()
+    print("per-option, per-layer means over heads (min-max over heads):")
+    print(tables.format_layer_summary(layer_rows))
+    for label, ex in extras.items():
+        line = tables.format_extra_scalars(ex)
+        if line:
+            print(f"{label}: {line}")
+
+
+def write_option_figures(
+    out: Path, prep: Prepared, outcome: CompareOutcome, layer_rows: list[dict[str, Any]], best: str | None
+) -> tuple[list[Path], dict[str, Any]]:
+    """The per-option figures; returns (paths written, the baseline's embedding statistics)."""
+    files: list[Path] = []
+    results = outcome.results
+    vocab = list(prep.corpus.tokenizer.vocab)
+    if results:
+        p = out / "options_comparison.png"
+        plots.plot_options_comparison(p, layer_rows, [res.option for res in results])
+        files.append(p)
+        for res in results:
+            files += plots.plot_metric_heatmaps(out, res.records, prefix=f"heatmap_{res.option}")
+        best_res = next(r for r in results if r.option == best)
+        p = out / "expected_vs_actual_attention.png"
+        plots.plot_expected_vs_actual(
+            p,
+            prep.expected,
+            prep.mask,
+            prep.pair_index,
+            best_res.attn,
+            best_res.records,
+            tokens=[vocab[t] for t in prep.tokens[0]],
+            title=f"best option ({best}): expected (from counts) vs actual attention, sequence 0; key j on x, "
+            "query i on y; blank = masked",
+        )
+        files.append(p)
+    emb_stats: dict[str, Any] = {}
+    if outcome.base is not None and outcome.base.params is not None:
+        p = out / "embedding_similarity.png"
+        emb_stats = plots.plot_embedding_similarity(p, outcome.base.params["embed"], vocab)
+        files.append(p)
+    return files, emb_stats
+
+
+def write_ablation_and_diagnostics(out: Path, outcome: CompareOutcome, num_layers: int) -> list[Path]:
+    """Prints and writes the ablation table and the diagnostics with their verdicts, when computed."""
+    files: list[Path] = []
+    if outcome.ablation_rows is not None:
+        print()
+        print("Option 3 ablation (each row adds one ingredient to the row above):")
+        print(options.format_ablation(outcome.ablation_rows))
+        write_json(out / "ablation.json", {"rows": jsonable(outcome.ablation_rows), "num_layers": num_layers})
+        p = out / "ablation.png"
+        plots.plot_ablation(p, outcome.ablation_rows)
+        files += [out / "ablation.json", p]
+    if outcome.diag is not None:
+        rows = diagnostics.summary_rows(outcome.diag)
+        print()
+        print("root-cause diagnostics of the seed derivation (per layer):")
+        print(tables.format_diagnostics(rows))
+        print()
+        print("verdicts on the seed's explanations:")
+        print(tables.format_verdicts(outcome.verdict_rows or []))
+        doc = {"diagnostics": outcome.diag, "verdicts": outcome.verdict_rows, "layers": rows}
+        write_json(out / "diagnostics.json", doc)
+        p = out / "diagnostics.png"
+        plots.plot_diagnostics(p, rows, outcome.diag)
+        files += [out / "diagnostics.json", p]
+    return files
+
+
+def write_compare_outputs(out: Path, prep: Prepared, outcome: CompareOutcome, *, timer: Timer) -> list[Path]:
+    """Prints the comparison and writes every file (atomically). Returns the paths written."""
+    L = prep.config.num_layers
+    results, seconds = outcome.results, outcome.seconds
+    records = [r for res in results for r in res.records]
+    summaries = [option_summary(res.records, L, seconds.get(res.option)) for res in results]
+    layer_rows = layer_summary(records)
+    extras = {res.option: jsonable(res.extra) for res in results}
+    print_comparison(prep, summaries, layer_rows, extras)
+    best = best_option(summaries) if summaries else None
+    with timer.stage("report"):
+        files, emb_stats = write_option_figures(out, prep, outcome, layer_rows, best)
+        files += write_ablation_and_diagnostics(out, outcome, L)
+    doc = metrics_document(
+        records,
+        config={
+            "run": prep.run.to_dict(),
+            "model": prep.config.to_dict(),
+            "options": outcome.selected or [res.option for res in results],
+            "train_steps": outcome.train_steps,
+        },
+        corpus=prep.corpus.info(),
+        eval_corpus=prep.eval_corpus.info(),
+        timings={**timer.seconds, **{f"option_{k}": v for k, v in seconds.items()}},
+        extra={
+            "best_option": best,
+            "options_summary": summaries,
+            "layer_summary": layer_rows,
+            "option_extras": extras,
+            "embedding_similarity": emb_stats,
+            "ablation": jsonable(outcome.ablation_rows),
+            "diagnostics": outcome.diag,
+            "verdicts": outcome.verdict_rows,
+        },
+    )
+    write_json(out / "metrics.json", doc)
+    files.append(out / "metrics.json")
+    print()
+    print(f"best option (tied argmax match, then cosine): {best}")
+    print("wrote: " + ", ".join(str(f) for f in files))
+    return files

@@ -1,0 +1,269 @@
+"""The Option 3 ablation: the seed derivation, then one ingredient more per row, and its table.
+
+:func:`ablation` adds the ingredients of :data:`ABLATION_STEPS` cumulatively, starting from the
+seed derivation; its last row is Option 3. :func:`greedy_order` is how that order was chosen,
+:func:`leave_one_out` the complement (Option 3 minus one ingredient at a time), and
+:func:`format_ablation` the one formatter of these tables. Every row is measured like the
+baseline, on the run's held-out sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jaxattn.errors import JaxattnError
+from jaxattn.options.derivation import run_derivation
+from jaxattn.options.factors import OPTION3, SEED_DERIVATION, DerivationConfig
+from jaxattn.pipeline import Prepared
+from jaxattn.progress import Timer, progress_iter
+
+__all__ = [
+    "ABLATION_METRICS",
+    "ABLATION_STEPS",
+    "ablation",
+    "format_ablation",
+    "greedy_order",
+    "leave_one_out",
+    "summarize",
+]
+
+#: Summary metrics of the ablation table (per-layer means over heads, and overall means).
+ABLATION_METRICS = ("cosine", "argmax_match_tied", "kl", "entropy")
+
+#: Ablation order: (ingredient field, short label, what it changes). The order is the greedy
+#: forward selection of :func:`greedy_order` at the seed preset on Shakespeare minus King Lear
+#: (evaluated on King Lear): each round adds the ingredient with the largest gain in mean
+#: cosine + tie-aware argmax match. The structural fixes (what the layer reads, exact
+#: inverses) come first; the log-P target pays off only once they are in place. Its fields
+#: are exactly :data:`~jaxattn.options.factors.INGREDIENTS`, so the last row is :data:`OPTION3`.
+ABLATION_STEPS: tuple[tuple[str, str, str], ...] = (
+    (
+        "embed_stream",
+        "embedding-stream Q/K",
+        "queries and keys read LN(E[t]) via qk_inputs, not the MLP-dominated LN(x)",
+    ),
+    ("pinv", "pseudo-inverse", "W = pinv(LN(E) rows) A instead of E^T A (exact for independent rows)"),
+    ("temperature", "calibrated tau", "drop the std-0.01 rescaling of W_Q/W_K; fit tau on the count corpus"),
+    ("ngram_queries", "n-gram queries", "one query row per observed n-gram at n >= 2 (back-off to suffixes)"),
+    ("log_target", "log-P target", "factor the smoothed, row-centred log P~ instead of the manifold M"),
+    ("frequency_weighting", "frequency weighting", "count-weighted rank-K factorisation and least squares"),
+)
+
+
+def summarize(records: list[dict[str, Any]], num_layers: int) -> dict[str, Any]:
+    """Per-layer means over heads (lists over layers) and overall means of the ablation metrics.
+
+    Args:
+        records: per-(layer, head) records of one option.
+        num_layers: L.
+
+    Returns:
+        For each metric m of :data:`ABLATION_METRICS`: ``m`` [L], ``m_mean`` and ``m_worst_layer``
+        (the largest per-layer KL, the smallest per-layer value of the others).
+    """
+    out: dict[str, Any] = {}
+    for m in ABLATION_METRICS:
+        per = [float(np.mean([r[m] for r in records if r["layer"] == l])) for l in range(num_layers)]
+        out[m] = per
+        out[f"{m}_mean"] = float(np.mean([r[m] for r in records]))
+        out[f"{m}_worst_layer"] = float(max(per) if m == "kl" else min(per))
+    return out
+
+
+def _row(
+    prep: Prepared, k: int, label: str, desc: str, dcfg: DerivationConfig, run_label: str, timer: Timer | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One table row: runs the derivation ``dcfg`` and summarises it (also returns the result's extra)."""
+    res = run_derivation(prep, dcfg, label=run_label, progress=False, timer=timer)
+    row: dict[str, Any] = {"step": k, "ingredient": label, "description": desc, "config": dataclasses.asdict(dcfg)}
+    row.update(summarize(res.records, prep.config.num_layers))
+    return row, res.extra
+
+
+def ablation(
+    prep: Prepared,
+    *,
+    progress: bool = True,
+    timer: Timer | None = None,
+    steps: tuple[tuple[str, str, str], ...] = ABLATION_STEPS,
+) -> list[dict[str, Any]]:
+    """The Option 3 ablation: the seed derivation, then one ingredient more per row.
+
+    Row 0 is the seed baseline (:data:`SEED_DERIVATION`, identical to
+    :func:`jaxattn.pipeline.run_baseline`); row k adds ``steps[k-1]`` to row k-1; the last
+    row is Option 3 (with the default steps). Every row is measured like the baseline, on
+    ``prep.tokens``.
+
+    Args:
+        prep: the prepared run.
+        progress: progress bars.
+        timer: stage timer (each row adds to "derive", "forward", "metrics").
+        steps: (ingredient field, label, description) in the order to add them.
+
+    Returns:
+        One dict per row: ``step``, ``ingredient``, ``description``, ``config`` (the
+        :class:`DerivationConfig` as a dict), and for each of cosine, argmax_match_tied, kl,
+        entropy: the per-layer means over heads (a list over layers), ``{metric}_mean``
+        (over all heads) and ``{metric}_worst_layer``; plus ``tau`` per layer (mean over heads).
+    """
+    rows = []
+    dcfg = SEED_DERIVATION
+    plan = [("seed", "seed baseline", "the seed derivation (SPEC §2)")] + list(steps)
+    for k, (field, label, desc) in enumerate(progress_iter(plan, desc="ablation", enabled=progress)):
+        if k > 0:
+            on: dict[str, Any] = {field: True}
+            dcfg = dataclasses.replace(dcfg, **on)
+        row, extra = _row(prep, k, label, desc, dcfg, f"ablation{k}", timer)
+        tau = extra.get("tau")
+        row["tau"] = [float(np.mean(t)) for t in tau] if tau is not None else None
+        rows.append(row)
+    return rows
+
+
+def greedy_order(
+    prep: Prepared, *, progress: bool = True, timer: Timer | None = None, fields: tuple[str, ...] | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Greedy forward selection of the ablation order (how :data:`ABLATION_STEPS` was chosen).
+
+    From the seed derivation, each round tries every remaining ingredient on top of the ones
+    chosen so far and keeps the one with the largest mean cosine + mean tie-aware argmax
+    match (over all heads) on ``prep.tokens``. Costs ``k (k + 1) / 2`` derivations for k
+    ingredients.
+
+    Args:
+        prep: the prepared run.
+        progress: progress bars.
+        timer: stage timer.
+        fields: the ingredients to order (default: those of :data:`ABLATION_STEPS`).
+
+    Returns:
+        (the chosen order, one row per tried candidate with its round, the ingredients
+        already chosen, the candidate and the :func:`summarize` numbers).
+    """
+    fields = tuple(fields or (f for f, _, _ in ABLATION_STEPS))
+    chosen: list[str] = []
+    tried: list[dict[str, Any]] = []
+    dcfg = SEED_DERIVATION
+    for rnd in progress_iter(range(len(fields)), desc="greedy order", enabled=progress):
+        best: tuple[float, str, DerivationConfig] | None = None
+        for f in fields:
+            if f in chosen:
+                continue
+            try:
+                on: dict[str, Any] = {f: True}
+                cand = dataclasses.replace(dcfg, **on)
+            except JaxattnError:  # e.g. n-gram queries before the embedding stream
+                continue
+            res = run_derivation(prep, cand, label="greedy", progress=False, timer=timer)
+            summ = summarize(res.records, prep.config.num_layers)
+            tried.append({"round": rnd, "chosen": list(chosen), "candidate": f, **summ})
+            score = summ["cosine_mean"] + summ["argmax_match_tied_mean"]
+            if best is None or score > best[0]:
+                best = (score, f, cand)
+        assert best is not None  # every round has a valid candidate: embed_stream is always allowed
+        chosen.append(best[1])
+        dcfg = best[2]
+    return chosen, tried
+
+
+def leave_one_out(prep: Prepared, *, progress: bool = True, timer: Timer | None = None) -> list[dict[str, Any]]:
+    """Option 3 with one ingredient removed at a time (the complement of :func:`ablation`).
+
+    Removing ``embed_stream`` also removes ``ngram_queries`` (which needs it). Rows have the
+    same fields as :func:`ablation`'s (without ``tau``); ``step`` 0 is Option 3 itself.
+
+    Args:
+        prep: the prepared run.
+        progress: progress bars.
+        timer: stage timer.
+
+    Returns:
+        One dict per row.
+    """
+    plan = [("", "option 3", "every ingredient")] + [
+        (f, f"- {label}", f"Option 3 without: {desc}") for f, label, desc in ABLATION_STEPS
+    ]
+    rows = []
+    for k, (field, label, desc) in enumerate(progress_iter(plan, desc="leave-one-out", enabled=progress)):
+        off: dict[str, Any] = {field: False} if field else {}
+        if field == "embed_stream":
+            off["ngram_queries"] = False
+        dcfg = dataclasses.replace(OPTION3, **off)
+        row, _ = _row(prep, k, label, desc, dcfg, f"loo{k}", timer)
+        rows.append(row)
+    return rows
+
+
+#: The fields of a row that the full table (:func:`format_ablation`) reads.
+_FULL_ROW_KEYS = (
+    "step",
+    "ingredient",
+    "cosine_mean",
+    "cosine_worst_layer",
+    "argmax_match_tied_mean",
+    "argmax_match_tied_worst_layer",
+    "kl_mean",
+    "entropy_mean",
+    "cosine",
+    "argmax_match_tied",
+)
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    label = row["ingredient"]
+    return label if row["step"] == 0 or label.startswith("- ") else "+ " + label
+
+
+def _format_full(rows: list[dict[str, Any]]) -> str:
+    """Overall means, the worst layer, and per-layer cosine / tied match of rows with every field."""
+    head = f"{'step':>4} {'ingredient':<24} {'cos':>6} {'worst':>6} {'tied':>6} {'worst':>6} {'KL':>6} {'entropy':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['step']:>4} {_row_label(r):<24} {r['cosine_mean']:6.3f} "
+            f"{r['cosine_worst_layer']:6.3f} {r['argmax_match_tied_mean']:6.1%} "
+            f"{r['argmax_match_tied_worst_layer']:6.1%} "
+            f"{r['kl_mean']:6.3f} {r['entropy_mean']:7.3f}"
+        )
+    lines.append("")
+    L = len(rows[0]["cosine"]) if rows else 0
+    lines.append("per-layer cosine / tied argmax match:")
+    lines.append(f"{'step':>4} " + " ".join(f"{'L' + str(l):>11}" for l in range(L)))
+    for r in rows:
+        cells = " ".join(f"{c:5.3f}/{t:4.0%}" for c, t in zip(r["cosine"], r["argmax_match_tied"], strict=True))
+        lines.append(f"{r['step']:>4} {cells}")
+    return "\n".join(lines)
+
+
+def _format_plain(rows: list[dict[str, Any]]) -> str:
+    """Step, ingredient and the overall means of each metric the rows have (partial rows, e.g. loaded ones)."""
+    metrics = [m for m in ABLATION_METRICS if rows and f"{m}_mean" in rows[0]]
+    head = f"{'step':>4} {'ingredient':<24} " + " ".join(f"{m[:12]:>12}" for m in metrics)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['step']:>4} {str(r['ingredient'])[:24]:<24} " + " ".join(f"{r[f'{m}_mean']:12.3f}" for m in metrics)
+        )
+    return "\n".join(lines)
+
+
+def format_ablation(rows: list[dict[str, Any]]) -> str:
+    """The ablation (or leave-one-out) table as text.
+
+    Rows with every field of :func:`ablation`'s rows get the full table: overall means, the
+    worst layer, and per-layer cosine / tied argmax match. When any row lacks one of them (a
+    partial row, e.g. read back from an older file), the table falls back to the step, the
+    ingredient and the overall mean of each metric the first row has.
+
+    Args:
+        rows: :func:`ablation` or :func:`leave_one_out` rows.
+
+    Returns:
+        The table, lines joined by newlines (no trailing newline).
+    """
+    if all(all(k in r for k in _FULL_ROW_KEYS) for r in rows):
+        return _format_full(rows)
+    return _format_plain(rows)

@@ -1,0 +1,152 @@
+"""Fixed-width text tables for the terminal: per head, per layer, per option, diagnostics, verdicts."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "format_diagnostics",
+    "format_extra_scalars",
+    "format_layer_summary",
+    "format_options_summary",
+    "format_table",
+    "format_verdicts",
+    "run_header",
+]
+
+
+def run_header(prep: Any, *, same_for_every_option: bool = False) -> str:
+    """The three lines that open every run's output: corpus, evaluation text and model.
+
+    Args:
+        prep: the :class:`~jaxattn.pipeline.Prepared` run.
+        same_for_every_option: say that every option is scored on the same sequences (``compare``).
+
+    Returns:
+        Three lines, joined by newlines.
+    """
+    c, corpus, ev = prep.config, prep.corpus, prep.eval_corpus
+    B, T = prep.tokens.shape
+    same = ", the same for every option" if same_for_every_option else ""
+    return "\n".join(
+        (
+            f"corpus: {corpus.source}  ({corpus.num_docs} docs, {corpus.num_tokens:,} tokens, V={corpus.vocab_size})",
+            f"eval:   {ev.source}  ({ev.num_tokens:,} tokens); {B} sequences x {T} tokens{same}",
+            f"model:  preset {prep.run.preset}: {c.num_layers} layers x {c.num_heads} heads, d_model {c.d_model}, "
+            f"d_head {c.d_head}, max_n {c.max_n}, max_s {c.max_s}, weight_std {c.weight_std}",
+        )
+    )
+
+
+def format_table(records: list[dict[str, Any]], *, per_head: bool = True) -> str:
+    """A fixed-width per-layer, per-head table (with the spread over sequences)."""
+    head = f"{'option':>9} {'L':>2} {'H':>2} {'n':>1} {'s':>1} {'KL':>7} {'cos':>6} {'±':>5} {'match':>6} {'tied':>6} {'entropy':>7} {'queries':>7}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if not per_head:
+            break
+        lines.append(
+            f"{r['option']:>9} {r['layer']:>2} {r['head']:>2} {r['n']:>1} {r['s']:>1} {r['kl']:7.3f} "
+            f"{r['cosine']:6.3f} {r.get('cosine_std', 0.0):5.3f} {r['argmax_match']:6.1%} "
+            f"{r['argmax_match_tied']:6.1%} {r['entropy']:7.3f} {r['num_queries']:7d}"
+        )
+    return "\n".join(lines)
+
+
+def format_layer_summary(rows: list[dict[str, Any]]) -> str:
+    """Per-layer means over heads (with the head range)."""
+    head = f"{'option':>9} {'layer':>5} {'n':>1} {'KL':>7} {'cosine (min-max)':>20} {'match':>6} {'tied (min-max)':>20} {'entropy':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['option']:>9} {r['layer']:>5} {r['n']:>1} {r['kl']:7.3f} "
+            f"{r['cosine']:6.3f} ({r['cosine_min']:.2f}-{r['cosine_max']:.2f}) {r['argmax_match']:6.1%} "
+            f"{r['argmax_match_tied']:6.1%} ({r['argmax_match_tied_min']:.0%}-{r['argmax_match_tied_max']:.0%}) "
+            f"{r['entropy']:7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def format_options_summary(summaries: list[dict[str, Any]]) -> str:
+    """One line per option: overall means over heads, and layer 0 | layers 1+ for cosine and tied match.
+
+    Args:
+        summaries: dicts with ``option``, the metric means (``cosine``, ``argmax_match_tied``,
+            ``kl``, ``entropy``, ``argmax_match``) and optionally ``{metric}_layer0``,
+            ``{metric}_deeper`` and ``seconds``.
+    """
+    head = (
+        f"{'option':>9} {'cosine':>7} {'(L0 | 1+)':>15} {'tied':>7} {'(L0 | 1+)':>15} {'strict':>7} {'KL':>7} "
+        f"{'entropy':>7} {'time s':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        cos_split = f"{s.get('cosine_layer0', float('nan')):.3f} | {s.get('cosine_deeper', float('nan')):.3f}"
+        t0, t1 = s.get("argmax_match_tied_layer0", float("nan")), s.get("argmax_match_tied_deeper", float("nan"))
+        tied_split = f"{t0:6.1%} | {t1:6.1%}"
+        secs = s.get("seconds")
+        secs_txt = f"{secs:7.1f}" if secs is not None else "      -"
+        lines.append(
+            f"{s['option']:>9} {s['cosine']:7.3f} {cos_split:>15} {s['argmax_match_tied']:7.1%} {tied_split:>15} "
+            f"{s['argmax_match']:7.1%} {s['kl']:7.3f} {s['entropy']:7.3f} {secs_txt}"
+        )
+    return "\n".join(lines)
+
+
+def format_extra_scalars(extra: dict[str, Any], *, max_items: int = 8) -> str:
+    """Up to ``max_items`` scalar entries of an option's ``extra`` as ``key=value`` (top level, then one down)."""
+
+    def scalar(v: Any) -> str | None:
+        if isinstance(v, bool):
+            return str(v)
+        if isinstance(v, (int, float, np.integer, np.floating)):
+            return f"{float(v):.4g}"
+        if isinstance(v, str) and len(v) <= 40:
+            return v
+        return None
+
+    top = [(k, scalar(v)) for k, v in extra.items()]
+    nested = [(f"{k}.{k2}", scalar(v2)) for k, v in extra.items() if isinstance(v, dict) for k2, v2 in v.items()]
+    items = [f"{k}={t}" for k, t in top + nested if t is not None]
+    more = len(items) - max_items
+    return ", ".join(items[:max_items]) + (f", ... ({more} more in metrics.json)" if more > 0 else "")
+
+
+def format_diagnostics(rows: list[dict[str, Any]]) -> str:
+    """Per-layer diagnostics table (rows from :func:`jaxattn.diagnostics.summary_rows`)."""
+    head = (
+        f"{'L':>2} {'n':>1} {'range':>6} {'raw':>6} {'R2(M_r)':>7} {'entropy':>7} {'tokcos':>6} {'common':>6} "
+        f"{'|x|':>6} {'|attn|':>6} {'|mlp|':>6} {'tied':>6} {'no-norm':>7} {'no-mlp':>6} {'isolated':>8}"
+    )
+    lines = [
+        "range/raw: mean within-row max-min of q.k/sqrt(K) in nats (as run / un-normalised weights, same inputs); "
+        "R2(M_r): within-row fit of the scores to M_r[g_i,t_j];",
+        "tokcos: cos(LN(x_i), LN(E[t_i])); common: share of query-input energy in one position-invariant direction; "
+        "|x| |attn| |mlp|: residual norm entering the layer and what attention / MLP add;",
+        "tied: tied argmax match as run, without the std rescaling, without the MLP, and isolated (W_O=0, no MLP: "
+        "every layer reads the bare embeddings).",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['layer']:>2} {r['n']:>1} {r['row_range']:6.2f} {r['raw_row_range']:6.2f} {r['target_r2']:7.2f} "
+            f"{r['entropy']:7.3f} {r['token_cosine']:6.3f} {r['common_direction_energy']:6.1%} "
+            f"{r['residual_norm']:6.2f} "
+            f"{r['attn_out_norm']:6.2f} {r['mlp_out_norm']:6.2f} {r.get('tied_seed', np.nan):6.1%} "
+            f"{r.get('tied_no_normalisation', np.nan):7.1%} {r.get('tied_no_mlp', np.nan):6.1%} "
+            f"{r.get('tied_no_value_output_no_mlp', np.nan):8.1%}"
+        )
+    return "\n".join(lines)
+
+
+def format_verdicts(verdicts: list[dict[str, str]], width: int = 118) -> str:
+    """The verdicts on the seed's claims, each with its evidence wrapped to ``width``."""
+    lines = []
+    for v in verdicts:
+        lines.append(f"[{v['verdict'].upper():>9}] {v['claim']}  ({v.get('source', '')})")
+        lines += textwrap.wrap(v["evidence"], width=width, initial_indent=" " * 12, subsequent_indent=" " * 12)
+    return "\n".join(lines)
