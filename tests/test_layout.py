@@ -7,6 +7,7 @@ offending module, import or function.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,14 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
 def _imports(path: Path, name: str, modules: set[str]) -> list[tuple[str, list[str], int]]:
     """(imported module, imported names, line) for every jaxattn import in the file, function bodies included."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = _tree(path)
     is_pkg = path.name == "__init__.py"
     out = []
     for node in ast.walk(tree):
@@ -119,8 +125,9 @@ def test_cycle_detector_finds_a_planted_cycle():
 def test_no_cross_module_private_imports():
     modules = _modules()
     bad = []
+    names_set = set(modules)
     for m, path in modules.items():
-        for target, names, line in _imports(path, m, set(modules)):
+        for target, names, line in _imports(path, m, names_set):
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             private += [target] if any(p.startswith("_") and p != "__init__" for p in target.split(".")) else []
             if private:
@@ -161,7 +168,7 @@ def test_functions_are_small():
     long = {}
     for p in PACKAGE.rglob("*.py"):
         mod = _module_name(p)
-        for fn, n in _functions(ast.parse(p.read_text(encoding="utf-8"))):
+        for fn, n in _functions(_tree(p)):
             qual = f"{mod}.{fn}"
             if n > MAX_FUNCTION_LINES and qual not in LONG_FUNCTION_ALLOWED:
                 long[qual] = n
