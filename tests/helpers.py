@@ -44,13 +44,13 @@ def baseline_attention(prep) -> np.ndarray:
     return pipeline.batched_attention(params, prep.tokens, prep.config, batch_size=prep.run.batch_size, progress=False)
 
 
-def run_on_eight_devices(scripts: dict[str, str]) -> dict:
-    """Runs named scripts one after another in ONE subprocess with 8 simulated CPU devices.
+def start_on_eight_devices(scripts: dict[str, str]) -> subprocess.Popen:
+    """Starts named scripts, one after another, in ONE subprocess with 8 simulated CPU devices.
 
     jax fixes its device count when it starts, so ``XLA_FLAGS`` must be set before it is imported:
     hence a subprocess, shared by every 8-device check to pay for one jax start. Each script
-    prints ``RESULT <json dict>``; the dicts are merged. A script that raises adds
-    ``"<name>: error"`` (its traceback) instead, and the scripts after it still run.
+    prints ``RESULT <json dict>``. A script that raises prints ``"<name>: error"`` (its
+    traceback) instead, and the scripts after it still run. Collect with :func:`eight_device_output`.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXATTN_NO_PROGRESS="1")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -63,12 +63,26 @@ def run_on_eight_devices(scripts: dict[str, str]) -> dict:
         "    except BaseException:\n"
         "        print('RESULT ' + json.dumps({name + ': error': traceback.format_exc()[-3000:]}))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", runner], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    return subprocess.Popen(
+        [sys.executable, "-c", runner], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def eight_device_output(proc: subprocess.Popen) -> dict:
+    """Waits for :func:`start_on_eight_devices`'s subprocess and merges its ``RESULT`` dicts."""
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"subprocess failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     out: dict = {}
     for ln in lines:
         out.update(json.loads(ln[len("RESULT ") :]))
     return out
+
+
+def run_on_eight_devices(scripts: dict[str, str]) -> dict:
+    """:func:`start_on_eight_devices`, then :func:`eight_device_output`."""
+    return eight_device_output(start_on_eight_devices(scripts))
