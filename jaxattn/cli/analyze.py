@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from jaxattn import options
-from jaxattn.cli.common import add_common_arguments, check_model_config, load_and_prepare, run_config_from_args
+from jaxattn.cli.common import (
+    add_common_arguments,
+    check_model_config,
+    load_and_prepare,
+    plot_run_attention,
+    run_config_from_args,
+)
 from jaxattn.output import (
     ensure_out_dir,
     jsonable,
@@ -98,16 +104,11 @@ def write_figures(out: Path, prep: Prepared, results: list[AnalysisResult]) -> t
     main_res = results[0]
     vocab = list(prep.corpus.tokenizer.vocab)
     files = []
-    p = out / "expected_vs_actual_attention.png"
-    plots.plot_expected_vs_actual(
-        p,
-        prep.expected,
-        prep.mask,
-        prep.pair_index,
-        main_res.attn,
-        main_res.records,
-        tokens=[vocab[t] for t in prep.tokens[0]],
-        title=f"{main_res.option}: expected (from counts) vs actual attention, first 32 positions of sequence 0; "
+    p = plot_run_attention(
+        out,
+        prep,
+        main_res,
+        f"{main_res.option}: expected (from counts) vs actual attention, first 32 positions of sequence 0; "
         "key j on x, query i on y; rows scaled to their max; blank = masked.\n"
         f"Panel metrics: all {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens.",
     )
@@ -139,7 +140,8 @@ def write_outputs(
     print(tables.format_table(records))
     print()
     print("per-layer means over heads (min-max over heads):")
-    print(tables.format_layer_summary(layer_summary(records)))
+    layer_rows = layer_summary(records)
+    print(tables.format_layer_summary(layer_rows))
     with timer.stage("report"):
         files, emb_stats = write_figures(out, prep, results)
     # Each option's own numbers (training curves, costs, ablations): the same field as in compare.
@@ -152,7 +154,7 @@ def write_outputs(
         timings=timer.seconds,
         extra={
             "embedding_similarity": emb_stats,
-            "layer_summary": layer_summary(records),
+            "layer_summary": layer_rows,
             **({"option_extras": extras} if extras else {}),
             **(extra or {}),
         },

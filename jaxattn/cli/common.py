@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from jaxattn.model import preset
-from jaxattn.output import load_tables
-from jaxattn.pipeline import Prepared, RunConfig, load_split, prepare
+from jaxattn.output import load_tables, plots
+from jaxattn.pipeline import AnalysisResult, Prepared, RunConfig, load_split, prepare
 from jaxattn.progress import Timer
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "byte_count",
     "check_model_config",
     "load_and_prepare",
+    "plot_run_attention",
     "positive_int",
     "run_config_from_args",
     "show_warning",
@@ -156,6 +158,23 @@ def load_and_prepare(
         artefacts["loaded_tables_from"] = str(args.load)
     prep = prepare(corpus, eval_corpus, run, tables=tables, progress=progress, timer=timer)
     return prep, artefacts
+
+
+def plot_run_attention(out: Path, prep: Prepared, result: AnalysisResult, title: str) -> Path:
+    """The seed's expected-vs-actual figure of one result on the run's sequence 0; returns its path."""
+    vocab = list(prep.corpus.tokenizer.vocab)
+    path = out / "expected_vs_actual_attention.png"
+    plots.plot_expected_vs_actual(
+        path,
+        prep.expected,
+        prep.mask,
+        prep.pair_index,
+        result.attn,
+        result.records,
+        tokens=[vocab[t] for t in prep.tokens[0]],
+        title=title,
+    )
+    return path
 
 
 def show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

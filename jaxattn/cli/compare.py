@@ -26,7 +26,13 @@ import numpy as np
 
 from jaxattn import diagnostics, options
 from jaxattn.alignment import METRIC_NAMES
-from jaxattn.cli.common import add_common_arguments, check_model_config, load_and_prepare, run_config_from_args
+from jaxattn.cli.common import (
+    add_common_arguments,
+    check_model_config,
+    load_and_prepare,
+    plot_run_attention,
+    run_config_from_args,
+)
 from jaxattn.errors import JaxattnError
 from jaxattn.output import ensure_out_dir, jsonable, metrics_document, plots, tables, write_json
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary, run_baseline
@@ -202,16 +208,11 @@ def write_option_figures(
         for res in results:
             files += plots.plot_metric_heatmaps(out, res.records, prefix=f"heatmap_{res.option}")
         best_res = next(r for r in results if r.option == best)
-        p = out / "expected_vs_actual_attention.png"
-        plots.plot_expected_vs_actual(
-            p,
-            prep.expected,
-            prep.mask,
-            prep.pair_index,
-            best_res.attn,
-            best_res.records,
-            tokens=[vocab[t] for t in prep.tokens[0]],
-            title=f"best option ({best}): expected (from counts) vs actual attention, sequence 0; key j on x, "
+        p = plot_run_attention(
+            out,
+            prep,
+            best_res,
+            f"best option ({best}): expected (from counts) vs actual attention, sequence 0; key j on x, "
             "query i on y; blank = masked",
         )
         files.append(p)
