@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxattn.errors import JaxattnError
@@ -25,6 +27,8 @@ from jaxattn.typing import Array, ArrayLike, Float, Integer, PRNGKey
 Params = dict[str, jax.Array]
 
 _LAYER_KEYS = ("wq", "wk", "wv", "wo", "ln1_scale", "ln1_bias", "ln2_scale", "ln2_bias", "w1", "b1", "w2", "b2")
+# Optional per-head biases of a GPT-2-shaped model (``bo`` [blocks, D] is per block).
+_HEAD_BIASES = ("bq", "bk", "bv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +93,9 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's configuration (SPEC §2).
     "seed": dict(d_model=768, d_head=64, num_layers=12, num_heads=12, max_n=2, max_s=3, weight_std=0.01),
-    # Fast runs and tests: same layout rules, every (n, s) still present.
-    "small": dict(d_model=128, d_head=32, num_layers=4, num_heads=4, max_n=2, max_s=3, weight_std=0.01),
+    # Fast runs and tests: same layout rules, every (n, s) still present. d_model = heads x d_head
+    # (a GPT-2 export needs it), wide enough for the standard-GPT-2 Option 3 at char level.
+    "small": dict(d_model=384, d_head=32, num_layers=4, num_heads=12, max_n=2, max_s=3, weight_std=0.01),
 }
 
 
@@ -187,6 +192,10 @@ def attention_head(
     wv: Float[ArrayLike, "D K"],
     wo: Float[ArrayLike, "K D"],
     logits: Float[ArrayLike, "T T"] | None = None,
+    *,
+    bq: Float[ArrayLike, " K"] | None = None,
+    bk: Float[ArrayLike, " K"] | None = None,
+    bv: Float[ArrayLike, " K"] | None = None,
 ) -> tuple[Float[Array, "T D"], Float[Array, "T T"]]:
     """One causal attention head on one sequence.
 
@@ -197,6 +206,7 @@ def attention_head(
         wq, wk, wv: [D, K].
         wo: [K, D].
         logits: optional [T, T] scores that replace ``q k^T / sqrt(K)`` (Option 2).
+        bq, bk, bv: optional [K] biases of the query, key and value projections (GPT-2's ``c_attn.bias``).
 
     Returns:
         out [T, D], probs float32 [T, T].
@@ -204,32 +214,66 @@ def attention_head(
     if logits is None:
         q = jnp.einsum("td,dk->tk", q_in, wq)
         k = jnp.einsum("sd,dk->sk", k_in, wk)
+        if bq is not None:
+            q = q + bq
+        if bk is not None:
+            k = k + bk
         logits = jnp.einsum("tk,sk->ts", q, k) / jnp.sqrt(jnp.asarray(wq.shape[-1], jnp.float32))
     probs = causal_softmax(logits)
     v = jnp.einsum("sd,dk->sk", v_in, wv)
+    if bv is not None:
+        v = v + bv
     out = jnp.einsum("ts,sk,kd->td", probs.astype(v.dtype), v, wo)
     return out, probs
 
 
-# Heads share the inputs and differ in weights (and optional logits).
-_heads = jax.vmap(attention_head, in_axes=(None, None, None, 0, 0, 0, 0, 0), out_axes=(0, 0))
-_heads_nologits = jax.vmap(
-    lambda q, k, v, wq, wk, wv, wo: attention_head(q, k, v, wq, wk, wv, wo), in_axes=(None, None, None, 0, 0, 0, 0)
-)
+def _layer_heads(
+    q_in: jax.Array, k_in: jax.Array, v_in: jax.Array, hw: dict[str, jax.Array], logits: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Every head of one layer: the single-head kernel vmapped over the head axis of ``hw`` (and ``logits``)."""
+
+    def one(w: dict[str, jax.Array], lg: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        biases = {b: w[b] for b in _HEAD_BIASES if b in w}
+        return attention_head(q_in, k_in, v_in, w["wq"], w["wk"], w["wv"], w["wo"], lg, **biases)
+
+    return jax.vmap(one)(hw, logits)
 
 
 class ForwardOutput(NamedTuple):
     """Outputs of :func:`forward`.
 
     Attributes:
-        logits: [T, V] next-token logits (tied unembedding).
-        attn: float32 [L, H, T, T] attention probabilities.
-        query_inputs: [L, T, D] the query-side input of every layer (None unless asked).
+        logits: [T, V] next-token logits (``lm_head`` when the params have one, else the tied
+            embedding).
+        attn: float32 [L, H, T, T] attention probabilities of the layout layers.
+        query_inputs: [L, T, D] the query-side input of every layout layer (None unless asked).
+        prep_attn: float32 [P, H, T, T] attention of the P preparation blocks that precede the
+            layout (P = 0 for the seed model).
     """
 
     logits: Float[Array, "*B T V"]
     attn: Float[Array, "*B L H T T"]
     query_inputs: Float[Array, "*B L T D"] | None
+    prep_attn: Float[Array, "*B P H T T"] | None = None
+
+
+def num_prep_blocks(params: Mapping[str, Any], config: ModelConfig) -> int:
+    """Blocks before the layout: the params' block count minus ``config.num_layers``.
+
+    Args:
+        params: the parameter pytree, jax or numpy arrays (``wq`` [blocks, H, D, K]).
+        config: the model config.
+
+    Returns:
+        P >= 0.
+
+    Raises:
+        JaxattnError: the params have fewer blocks than the layout.
+    """
+    blocks = int(np.shape(params["wq"])[0])
+    if blocks < config.num_layers:
+        raise JaxattnError(f"params have {blocks} blocks but the layout has num_layers={config.num_layers}")
+    return blocks - config.num_layers
 
 
 def forward(
@@ -243,10 +287,17 @@ def forward(
 ) -> ForwardOutput:
     """Runs the frozen pre-LN decoder on one sequence.
 
+    The params fix the architecture. The seed model has ``embed`` [V, D]; ``wq``, ``wk``,
+    ``wv`` [L, H, D, K]; ``wo`` [L, H, K, D] and the MLP and LayerNorm arrays of
+    :func:`init_mlp`. A GPT-2-shaped model may add learned positions ``wpe`` [n_ctx, D],
+    attention biases ``bq``, ``bk``, ``bv`` [blocks, H, K] and ``bo`` [blocks, D], an untied
+    ``lm_head`` [V, D], and P = blocks - L preparation blocks ahead of the layout (every
+    stacked array then has ``blocks`` = P + L rows); their attention is returned apart and
+    never scored.
+
     Args:
-        params: the parameter pytree (``embed`` [V, D]; ``wq``, ``wk``, ``wv`` [L, H, D, K];
-            ``wo`` [L, H, K, D]; MLP and LayerNorm arrays from :func:`init_mlp`).
-        tokens: int [T].
+        params: the parameter pytree.
+        tokens: int [T] (T <= n_ctx with ``wpe``).
         config: static configuration.
         qk_inputs: optional (q_in, k_in), each [L, T, D]: attention reads these instead of
             ``LN(x)`` for queries and keys (used by derivations with n-gram-aware queries).
@@ -255,9 +306,20 @@ def forward(
 
     Returns:
         :class:`ForwardOutput`.
+
+    Raises:
+        JaxattnError: T > n_ctx, or a hook together with preparation blocks.
     """
+    T = int(tokens.shape[0])
+    prep = num_prep_blocks(params, config)
+    if prep and (qk_inputs is not None or attn_logits is not None):
+        raise JaxattnError("qk_inputs/attn_logits hooks are not supported with preparation blocks")
     x = params["embed"][tokens]
-    layer_params = {k: params[k] for k in _LAYER_KEYS}
+    if "wpe" in params:
+        if T > params["wpe"].shape[0]:
+            raise JaxattnError(f"sequence of {T} tokens is longer than n_ctx={params['wpe'].shape[0]}")
+        x = x + params["wpe"][:T]
+    layer_params = {k: params[k] for k in _LAYER_KEYS + _HEAD_BIASES + ("bo",) if k in params}
     extras: dict[str, jax.Array] = {}
     if qk_inputs is not None:
         extras["q_in"], extras["k_in"] = qk_inputs
@@ -269,11 +331,11 @@ def forward(
         h = layer_norm(x, p["ln1_scale"], p["ln1_bias"]) if config.layernorm else x
         q_in = ex.get("q_in", h)
         k_in = ex.get("k_in", h)
-        if "logits" in ex:
-            outs, probs = _heads(q_in, k_in, h, p["wq"], p["wk"], p["wv"], p["wo"], ex["logits"])
-        else:
-            outs, probs = _heads_nologits(q_in, k_in, h, p["wq"], p["wk"], p["wv"], p["wo"])
+        head_w = {k: p[k] for k in ("wq", "wk", "wv", "wo") + _HEAD_BIASES if k in p}
+        outs, probs = _layer_heads(q_in, k_in, h, head_w, ex.get("logits"))
         x = x + jnp.sum(outs, axis=0)
+        if "bo" in p:
+            x = x + p["bo"]
         if config.mlp:
             h2 = layer_norm(x, p["ln2_scale"], p["ln2_bias"]) if config.layernorm else x
             f = jax.nn.gelu(jnp.einsum("td,df->tf", h2, p["w1"]) + p["b1"])
@@ -282,8 +344,8 @@ def forward(
 
     x, (attn, q_inputs) = jax.lax.scan(block, x, (layer_params, extras))
     hf = layer_norm(x, params["lnf_scale"], params["lnf_bias"]) if config.layernorm else x
-    logits = jnp.einsum("td,vd->tv", hf, params["embed"])
-    return ForwardOutput(logits, attn, q_inputs if return_inputs else None)
+    logits = jnp.einsum("td,vd->tv", hf, params.get("lm_head", params["embed"]))
+    return ForwardOutput(logits, attn[prep:], q_inputs[prep:] if return_inputs else None, attn[:prep])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_inputs"))

@@ -9,22 +9,25 @@ The data path of one run:
    sequences and builds the expected attention (:func:`jaxattn.alignment.expected_for_layout`)
    into a frozen :class:`Prepared`, the one value an entry point hands to an option;
 3. an option (:mod:`jaxattn.options`; the seed system is :func:`run_baseline`) derives its
-   parameters (:func:`jaxattn.derive.derive_params`), runs the model
-   (:func:`batched_attention`) and measures it (:func:`evaluate`), giving an
-   :class:`AnalysisResult`;
+   parameters (:func:`jaxattn.derive.derive_params`), runs the model (:func:`run_model`: the
+   attention and the next-token log-probabilities of one forward pass) and measures it
+   (:func:`evaluate` for the alignment, :func:`language_model_scores` for the bits per token
+   beside the n-gram model of the same tables), giving an :class:`AnalysisResult`;
 4. :mod:`jaxattn.output` prints and writes the results.
 
 Below the entry points, functions take the arrays and configs they use by name, not a
 :class:`Prepared`. Stage timings go to an optional :class:`jaxattn.progress.Timer` passed as
 ``timer=``.
 
-Axis vocabulary: B sequences, L layers, H heads, T positions, P distinct (n, s) tables.
+Axis vocabulary: B sequences, L layers, H heads, T positions, P distinct (n, s) tables,
+Q = T-1 next-token predictions per sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,7 @@ from jaxattn.corpus import Corpus, load_corpus_split
 from jaxattn.counts import CountMatrix, check_dense_size, count_tables
 from jaxattn.derive import derive_params
 from jaxattn.errors import JaxattnError
+from jaxattn.lm import NGRAM_SMOOTHING, lm_scores, model_logprobs, ngram_logprobs, ngram_max_n
 from jaxattn.model import ModelConfig, Params, forward_batch, preset
 from jaxattn.progress import Timer, progress_iter, stage
 from jaxattn.typing import ArrayLike, Bool, Float, Int, Integer
@@ -91,6 +95,9 @@ class Prepared:
         pair_index: int32 [L, H] index into ``pairs`` per head.
         expected: float32 [P, B, T, T] expected attention.
         mask: bool [P, B, T, T] valid query-key pairs.
+
+    The n-gram model of the same tables scores the same next tokens once, on first use:
+    :attr:`ngram_logprob` (its longest context is :attr:`ngram_max_n`).
     """
 
     run: RunConfig
@@ -107,6 +114,20 @@ class Prepared:
     def key(self, name: str) -> jax.Array:
         """A PRNG key for a named purpose, derived from the run seed (:func:`run_key`)."""
         return run_key(self.run.seed, name)
+
+    @property
+    def ngram_max_n(self) -> int:
+        """The n-gram model's longest context: ``config.max_n``, or less where tables ``C^{m,0}`` are missing."""
+        return ngram_max_n(self.tables, self.config.max_n)
+
+    @functools.cached_property
+    def ngram_logprob(self) -> np.ndarray:
+        """float64 [B, T-1]: the smoothed n-gram model's log-probability of each next token of :attr:`tokens`.
+
+        :func:`jaxattn.lm.ngram_logprobs` over :attr:`tables` with ``max_n`` = :attr:`ngram_max_n`
+        and add-:data:`~jaxattn.lm.NGRAM_SMOOTHING`; computed once per prepared run.
+        """
+        return ngram_logprobs(self.tables, self.tokens, self.ngram_max_n, smoothing=NGRAM_SMOOTHING)
 
 
 def run_key(seed: int, name: str) -> jax.Array:
@@ -237,6 +258,65 @@ def prepare(
     return Prepared(run, config, corpus, eval_corpus, tables, tokens, pairs, pair_index, expected, mask)
 
 
+class ModelRun(NamedTuple):
+    """What one forward pass over the evaluation sequences gives (:func:`run_model`).
+
+    Attributes:
+        attn: float32 [B, L, H, T, T] actual attention of the layout layers.
+        next_logprob: float64 [B, T-1] the model's log-probability of each next token
+            (:func:`jaxattn.lm.model_logprobs` of its logits).
+    """
+
+    attn: np.ndarray
+    next_logprob: np.ndarray
+
+
+def run_model(
+    params: Params,
+    tokens: Integer[ArrayLike, "B T"],
+    config: ModelConfig,
+    *,
+    batch_size: int = 16,
+    qk_inputs_fn: Any = None,
+    attn_logits_fn: Any = None,
+    progress: bool = True,
+    desc: str = "forward",
+) -> ModelRun:
+    """The model on the evaluation sequences, ``batch_size`` at a time: attention and next-token log-probs.
+
+    Both come from the same forward call per batch (no second pass); the log-softmax of the
+    logits is taken on the device, so only [b, T-1] numbers per batch cross to the host.
+
+    Args:
+        params: model parameters.
+        tokens: int [B, T] evaluation sequences.
+        config: the model config.
+        batch_size: sequences per forward call (bounds memory).
+        qk_inputs_fn: optional ``tokens [b, T] -> (q_in, k_in)`` each [b, L, T, D].
+        attn_logits_fn: optional ``tokens [b, T] -> logits`` [b, L, H, T, T].
+        progress: show a progress bar.
+        desc: progress bar label.
+
+    Returns:
+        :class:`ModelRun` (attention float32 [B, L, H, T, T], next-token log-probs float64 [B, T-1]).
+    """
+    tokens = np.asarray(tokens)
+    B = tokens.shape[0]
+    bs = max(1, int(batch_size))
+    chunks, logprobs = [], []
+    for start in progress_iter(range(0, B, bs), desc=desc, enabled=progress, total=-(-B // bs)):
+        tok = tokens[start : start + bs]
+        kw: dict[str, Any] = {}
+        if qk_inputs_fn is not None:
+            kw["qk_inputs"] = qk_inputs_fn(tok)
+        if attn_logits_fn is not None:
+            kw["attn_logits"] = attn_logits_fn(tok)
+        out = forward_batch(params, jnp.asarray(tok), config, **kw)
+        chunks.append(np.asarray(out.attn))
+        logprobs.append(model_logprobs(out.logits, tok))
+    return ModelRun(np.concatenate(chunks, axis=0), np.concatenate(logprobs, axis=0))
+
+
 def batched_attention(
     params: Params,
     tokens: Integer[ArrayLike, "B T"],
@@ -249,6 +329,8 @@ def batched_attention(
     desc: str = "forward",
 ) -> Float[np.ndarray, "B L H T T"]:
     """Actual attention of the model on the evaluation sequences, ``batch_size`` at a time.
+
+    ``run_model(...).attn``: see :func:`run_model` (which also keeps the next-token log-probs).
 
     Args:
         params: model parameters.
@@ -263,20 +345,51 @@ def batched_attention(
     Returns:
         float32 [B, L, H, T, T].
     """
-    tokens = np.asarray(tokens)
-    B = tokens.shape[0]
-    bs = max(1, int(batch_size))
-    chunks = []
-    for start in progress_iter(range(0, B, bs), desc=desc, enabled=progress, total=-(-B // bs)):
-        tok = tokens[start : start + bs]
-        kw: dict[str, Any] = {}
-        if qk_inputs_fn is not None:
-            kw["qk_inputs"] = qk_inputs_fn(tok)
-        if attn_logits_fn is not None:
-            kw["attn_logits"] = attn_logits_fn(tok)
-        out = forward_batch(params, jnp.asarray(tok), config, **kw)
-        chunks.append(np.asarray(out.attn))
-    return np.concatenate(chunks, axis=0)
+    return run_model(
+        params,
+        tokens,
+        config,
+        batch_size=batch_size,
+        qk_inputs_fn=qk_inputs_fn,
+        attn_logits_fn=attn_logits_fn,
+        progress=progress,
+        desc=desc,
+    ).attn
+
+
+def language_model_scores(prep: Prepared, next_logprob: Float[ArrayLike, "B Q"]) -> dict[str, Any]:
+    """An option's next-token scores on the run's evaluation sequences, beside its n-gram model and uniform.
+
+    The value of :attr:`AnalysisResult.language_model` (and of ``metrics.json``'s
+    ``"language_model"`` block, per option). Every option calls it the same way, with its
+    :attr:`ModelRun.next_logprob`.
+
+    Args:
+        prep: the prepared run (its n-gram scores: :attr:`Prepared.ngram_logprob`).
+        next_logprob: float [B, T-1] the option's model's log-probability of each next token
+            of ``prep.tokens`` (:func:`run_model`).
+
+    Returns:
+        ``{"derived_bits_per_token", "ngram_bits_per_token", "uniform_bits_per_token",
+        "num_predictions", "ngram_order", "smoothing"}``: the model's, the n-gram model's and
+        uniform's (``log2 V``) mean next-token cross-entropy in bits over the same
+        ``num_predictions`` = B x (T-1) predictions; ``ngram_order`` is the n-gram model's
+        order (longest context + 1) and ``smoothing`` its add-alpha constant.
+
+    Raises:
+        JaxattnError: ``next_logprob`` is not [B, T-1] of ``prep.tokens``, or holds NaN.
+    """
+    B, T = prep.tokens.shape
+    if np.shape(next_logprob) != (B, T - 1):
+        raise JaxattnError(f"next_logprob has shape {np.shape(next_logprob)}; expected [B, T-1] = {(B, T - 1)}")
+    scores = lm_scores(
+        next_logprob,
+        prep.ngram_logprob,
+        prep.config.vocab_size,
+        ngram_order=prep.ngram_max_n + 1,
+        smoothing=NGRAM_SMOOTHING,
+    )
+    return scores.to_dict()
 
 
 def evaluate(
@@ -332,6 +445,8 @@ class AnalysisResult:
         attn: float32 [B, L, H, T, T] actual attention.
         params: the parameters used (None for options without a parameter pytree).
         extra: option-specific details (training curves, costs, ...).
+        language_model: the model's next-token bits per token beside its n-gram model's and
+            uniform's (:func:`language_model_scores`); None where not measured.
     """
 
     option: str
@@ -339,6 +454,7 @@ class AnalysisResult:
     attn: np.ndarray
     params: Params | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    language_model: dict[str, Any] | None = None
 
 
 def run_baseline(prep: Prepared, *, progress: bool = True, timer: Timer | None = None) -> AnalysisResult:
@@ -356,10 +472,11 @@ def run_baseline(prep: Prepared, *, progress: bool = True, timer: Timer | None =
         params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
         jax.block_until_ready(params)
     with stage(timer, "forward"):
-        attn = batched_attention(params, prep.tokens, prep.config, batch_size=prep.run.batch_size, progress=progress)
+        out = run_model(params, prep.tokens, prep.config, batch_size=prep.run.batch_size, progress=progress)
     with stage(timer, "metrics"):
-        records = evaluate(prep.expected, prep.mask, prep.pair_index, attn, prep.config, option="baseline")
-    return AnalysisResult("baseline", records, attn, params)
+        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option="baseline")
+        lm = language_model_scores(prep, out.next_logprob)
+    return AnalysisResult("baseline", records, out.attn, params, language_model=lm)
 
 
 def analyze(

@@ -1,8 +1,9 @@
-"""``jaxattn`` command line: ``analyze`` (the main job) and ``compare`` (every option side by side).
+"""``jaxattn`` command line: ``analyze`` (the main job), ``compare`` (every option side by side) and ``export``.
 
 * :mod:`~jaxattn.cli.common`: the parser class, the shared flags, load-and-prepare;
 * :mod:`~jaxattn.cli.analyze`: ``jaxattn analyze``;
-* :mod:`~jaxattn.cli.compare`: ``jaxattn compare``.
+* :mod:`~jaxattn.cli.compare`: ``jaxattn compare``;
+* :mod:`~jaxattn.cli.export`: ``jaxattn export`` (one option's model as a HuggingFace GPT-2 checkpoint).
 
 Bad input exits with status 2 and one line on stderr, without a traceback.
 """
@@ -14,14 +15,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from jaxattn.cli import analyze, compare
+from jaxattn.cli import analyze, compare, export
 from jaxattn.cli.common import Parser, run_config_from_args, show_warning
 from jaxattn.errors import JaxattnError, MemoryBudgetError
 
 __all__ = ["build_parser", "main", "run_config_from_args"]
 
 #: The subcommands: name -> handler(args) -> exit status.
-COMMANDS = {"analyze": analyze.cmd_analyze, "compare": compare.cmd_compare}
+COMMANDS = {"analyze": analyze.cmd_analyze, "compare": compare.cmd_compare, "export": export.cmd_export}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     analyze.add_parser(sub)
     compare.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

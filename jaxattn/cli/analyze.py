@@ -1,7 +1,9 @@
 """``jaxattn analyze``: the main job. One option (the seed system by default) on one run.
 
 Outputs in ``--out``: ``metrics.json``, ``expected_vs_actual_attention.png``,
-``heatmap_<metric>.png`` and ``embedding_similarity.png``.
+``heatmap_<metric>.png`` and ``embedding_similarity.png``. ``metrics.json``'s
+``"language_model"`` block and the printed summary give the option's next-token bits per token
+beside its n-gram model's and uniform's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from jaxattn.cli.common import (
     add_common_arguments,
     check_model_config,
     load_and_prepare,
+    option_knobs,
     plot_run_attention,
     run_config_from_args,
 )
@@ -29,6 +32,7 @@ from jaxattn.output import (
     tables,
     write_json,
 )
+from jaxattn.output.documents import language_model_block
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary
 from jaxattn.progress import Timer
 
@@ -62,7 +66,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.save:
         with timer.stage("save"):  # the tables first: reusable even if the option fails later
             artefacts["saved"] = save_artefacts(args.save, prep, None)
-    result = options.run_option(prep, args.option, progress=progress, timer=timer)
+    result = options.run_option(prep, args.option, progress=progress, timer=timer, **option_knobs(args, args.option))
     if args.save:
         with timer.stage("save"):
             artefacts["saved"] = save_artefacts(args.save, prep, result, tables=False)
@@ -142,6 +146,16 @@ def write_outputs(
     print("per-layer means over heads (min-max over heads):")
     layer_rows = layer_summary(records)
     print(tables.format_layer_summary(layer_rows))
+    lm_block = language_model_block(results)
+    lm_text = tables.format_language_model(lm_block)
+    if lm_text:
+        print()
+        print(lm_text)
+    for res in results:
+        text = tables.format_construction(res.option, res.extra)
+        if text:
+            print()
+            print(text)
     with timer.stage("report"):
         files, emb_stats = write_figures(out, prep, results)
     # Each option's own numbers (training curves, costs, ablations): the same field as in compare.
@@ -152,6 +166,7 @@ def write_outputs(
         corpus=prep.corpus.info(),
         eval_corpus=prep.eval_corpus.info(),
         timings=timer.seconds,
+        language_model=jsonable(lm_block),
         extra={
             "embedding_similarity": emb_stats,
             "layer_summary": layer_rows,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from jaxattn.model import preset
+from jaxattn.options import GPT2Config
 from jaxattn.output import load_tables, plots
 from jaxattn.pipeline import AnalysisResult, Prepared, RunConfig, load_split, prepare
 from jaxattn.progress import Timer
@@ -23,6 +24,8 @@ __all__ = [
     "byte_count",
     "check_model_config",
     "load_and_prepare",
+    "non_negative_int",
+    "option_knobs",
     "plot_run_attention",
     "positive_int",
     "run_config_from_args",
@@ -37,19 +40,28 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"jaxattn: error: {message} (see `jaxattn {self.prog.split()[-1]} --help`)\n")
 
 
-def positive_int(name: str) -> Callable[[str], int]:
-    """An argparse type for an integer >= 1 (argparse names the flag ``name`` in its error)."""
+def _int_at_least(low: int) -> Callable[[str], Callable[[str], int]]:
+    def make(name: str) -> Callable[[str], int]:
+        del name  # argparse names the flag in its own error
 
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from e
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-        return v
+        def parse(text: str) -> int:
+            try:
+                v = int(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from e
+            if v < low:
+                raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+            return v
 
-    return parse
+        return parse
+
+    return make
+
+
+#: An argparse type for an integer >= 1: ``type=positive_int("--flag")``.
+positive_int = _int_at_least(1)
+#: An argparse type for an integer >= 0.
+non_negative_int = _int_at_least(0)
 
 
 def byte_count(text: str) -> int:
@@ -79,6 +91,29 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-head", type=positive_int("--d-head"), default=None)
     p.add_argument("--layers", type=positive_int("--layers"), default=None)
     p.add_argument("--heads", type=positive_int("--heads"), default=None)
+    p.add_argument(
+        "--max-n", type=positive_int("--max-n"), default=None, help="longest context of the layout (preset: 2)"
+    )
+    p.add_argument(
+        "--max-s", type=non_negative_int("--max-s"), default=None, help="largest skip of the layout (preset: 3)"
+    )
+    g = p.add_argument_group("Option 3 (a standard GPT-2 derived from the counts)")
+    g.add_argument(
+        "--prep-blocks",
+        type=non_negative_int("--prep-blocks"),
+        default=None,
+        help="preparation blocks ahead of the layout (default: as few as the MLP n-gram detectors need; "
+        "0: the previous-token head takes layout layer 0's last head)",
+    )
+    g.add_argument(
+        "--approximate",
+        action="store_true",
+        help="when the MLPs are too narrow for every observed context, keep the most frequent ones "
+        "(the rest back off to shorter contexts) instead of refusing",
+    )
+    g.add_argument(
+        "--n-ctx", type=positive_int("--n-ctx"), default=None, help="learned positions of the GPT-2 (default 1024)"
+    )
     p.add_argument("--out", default="jaxattn_out", help="output directory (default: ./jaxattn_out)")
     p.add_argument(
         "--seq-len", type=positive_int("--seq-len"), default=64, help="tokens per evaluation sequence T (default 64)"
@@ -111,6 +146,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         "d_head": args.d_head,
         "num_layers": args.layers,
         "num_heads": args.heads,
+        "max_n": getattr(args, "max_n", None),
+        "max_s": getattr(args, "max_s", None),
     }
     return RunConfig(
         preset=args.preset,
@@ -124,6 +161,22 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         max_dense_bytes=int(args.max_dense_bytes) if args.max_dense_bytes is not None else None,
         batch_size=args.batch_size,
     )
+
+
+def option_knobs(args: argparse.Namespace, option: str) -> dict[str, Any]:
+    """The keyword arguments of :func:`jaxattn.options.run_option` that the flags set for ``option``.
+
+    Option 3 gets ``derivation=GPT2Config(...)`` from ``--prep-blocks``, ``--approximate`` and
+    ``--n-ctx``; other options get none.
+    """
+    if str(option) != "3":
+        return {}
+    kw: dict[str, Any] = {"approximate": bool(getattr(args, "approximate", False))}
+    if getattr(args, "prep_blocks", None) is not None:
+        kw["prep_blocks"] = int(args.prep_blocks)
+    if getattr(args, "n_ctx", None) is not None:
+        kw["n_ctx"] = int(args.n_ctx)
+    return {"derivation": GPT2Config(**kw)}
 
 
 def check_model_config(run: RunConfig) -> None:

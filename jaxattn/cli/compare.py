@@ -5,7 +5,9 @@ held-out sequences, same expected attention), so their numbers are directly comp
 
 Outputs in ``--out``:
     metrics.json            SPEC §5 records (one per option, layer and head) plus
-                            ``options_summary``, ``layer_summary``, ``option_extras``,
+                            ``options_summary``, ``language_model`` (each option's
+                            next-token bits per token beside the n-gram model's and
+                            uniform's), ``layer_summary``, ``option_extras``,
                             ``ablation``, ``diagnostics`` and ``verdicts``.
     options_comparison.png  per-layer cosine and tied argmax match of every option.
     ablation.json / .png    the Option 3 ablation table.
@@ -30,11 +32,13 @@ from jaxattn.cli.common import (
     add_common_arguments,
     check_model_config,
     load_and_prepare,
+    option_knobs,
     plot_run_attention,
     run_config_from_args,
 )
 from jaxattn.errors import JaxattnError
 from jaxattn.output import ensure_out_dir, jsonable, metrics_document, plots, tables, write_json
+from jaxattn.output.documents import language_model_block
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary, run_baseline
 from jaxattn.progress import Timer, progress_iter
 
@@ -85,8 +89,12 @@ def run_all(
     progress: bool = True,
     need_baseline: bool = True,
     timer: Timer | None = None,
+    option_kw: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[AnalysisResult], AnalysisResult | None, dict[str, float]]:
     """Runs the selected options on one prepared run.
+
+    ``option_kw`` maps an option name to extra keyword arguments of its run function (the
+    Option 3 flags, :func:`jaxattn.cli.common.option_knobs`).
 
     The baseline is computed first whenever it is selected, needed by the diagnostics
     (``need_baseline``) or by Option 4 (which starts from it and reuses its "before" numbers).
@@ -107,7 +115,7 @@ def run_all(
             assert base is not None
             results.append(base)
             continue
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = dict((option_kw or {}).get(opt, {}))
         if opt == "4":
             kw["baseline"] = base
             if train_steps is not None:
@@ -160,7 +168,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     timer = Timer()
     prep, _ = load_and_prepare(args, run, timer=timer, progress=progress)
     results, base, seconds = run_all(
-        prep, selected, train_steps=train_steps, progress=progress, need_baseline=not skip_diagnostics, timer=timer
+        prep,
+        selected,
+        train_steps=train_steps,
+        progress=progress,
+        need_baseline=not skip_diagnostics,
+        timer=timer,
+        option_kw={opt: option_knobs(args, opt) for opt in selected},
     )
     ablation_rows = None
     if not skip_ablation:
@@ -178,17 +192,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def print_comparison(
-    prep: Prepared, summaries: list[dict[str, Any]], layer_rows: list[dict[str, Any]], extras: dict[str, Any]
+    prep: Prepared,
+    summaries: list[dict[str, Any]],
+    layer_rows: list[dict[str, Any]],
+    extras: dict[str, Any],
+    lm_block: dict[str, Any] | None = None,
 ) -> None:
-    """The run header, the options summary, the per-layer table and each option's scalar extras."""
+    """The run header, the options summary, the next-token scores, the per-layer table and each option's scalar extras."""
     print(tables.run_header(prep, same_for_every_option=True))
     print()
     print("options, means over all heads (layer 0 | layers 1+):")
     print(tables.format_options_summary(summaries))
+    lm_text = tables.format_language_model(lm_block or {})
+    if lm_text:
+        print()
+        print(lm_text)
     print()
     print("per-option, per-layer means over heads (min-max over heads):")
     print(tables.format_layer_summary(layer_rows))
     for label, ex in extras.items():
+        text = tables.format_construction(label, ex)
+        if text:
+            print()
+            print(text)
         line = tables.format_extra_scalars(ex)
         if line:
             print(f"{label}: {line}")
@@ -259,7 +285,8 @@ def write_compare_outputs(out: Path, prep: Prepared, outcome: CompareOutcome, *,
     summaries = [option_summary(res.records, L, seconds.get(res.option)) for res in results]
     layer_rows = layer_summary(records)
     extras = {res.option: jsonable(res.extra) for res in results}
-    print_comparison(prep, summaries, layer_rows, extras)
+    lm_block = language_model_block(results)
+    print_comparison(prep, summaries, layer_rows, extras, lm_block)
     best = best_option(summaries) if summaries else None
     with timer.stage("report"):
         files, emb_stats = write_option_figures(out, prep, outcome, layer_rows, best)
@@ -275,6 +302,7 @@ def write_compare_outputs(out: Path, prep: Prepared, outcome: CompareOutcome, *,
         corpus=prep.corpus.info(),
         eval_corpus=prep.eval_corpus.info(),
         timings={**timer.seconds, **{f"option_{k}": v for k, v in seconds.items()}},
+        language_model=jsonable(lm_block),
         extra={
             "best_option": best,
             "options_summary": summaries,

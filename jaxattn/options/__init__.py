@@ -3,12 +3,17 @@
 * ``"baseline"``: the seed derivation, unchanged (:func:`jaxattn.pipeline.run_baseline`);
 * ``"1"``, :mod:`.ppmi`: PPMI + SVD token embeddings under the seed derivation;
 * ``"2"``, :mod:`.direct`: attention logits gathered from the count tables (the ceiling);
-* ``"3"``, :mod:`.derivation`: a closed-form derivation with switchable ingredients
-  (:mod:`.factors`: the ingredients and the per-table algebra; :mod:`.calibration`: tau);
+* ``"3"``, :mod:`.gpt2`: a standard GPT-2 whose every weight comes from the counts
+  (:mod:`.residual`: the residual subspaces and the capacity rule; :mod:`.detectors`: the MLP
+  n-gram detectors; :mod:`.circuits`: the weights circuit by circuit);
+* the "oracle inputs" ceiling, :mod:`.derivation`: the earlier derivation, whose queries are
+  told their n-gram from outside through the ``qk_inputs`` hook (:mod:`.factors`: its
+  ingredients and the per-table algebra, shared with :mod:`.gpt2`; :mod:`.calibration`: tau);
 * ``"4"``, :mod:`.trained`: trained token embeddings, every attention weight frozen
   (:mod:`.training`: the optax loop).
 
-:mod:`.ablation` adds Option 3's ingredients one at a time and formats the table.
+:mod:`.ablation` adds Option 3's ingredients one at a time, beside the oracle-inputs ceiling,
+and formats the table.
 
 Every option runs on the same :class:`jaxattn.pipeline.Prepared` run through a function
 ``run(prep, *, progress=True, timer=None, **knobs) -> AnalysisResult`` and is measured with
@@ -28,10 +33,13 @@ from jaxattn.errors import JaxattnError
 from jaxattn.options.ablation import (
     ABLATION_METRICS,
     ABLATION_STEPS,
+    GPT2_STEPS,
+    GPT2_VARIANTS,
     ablation,
     format_ablation,
     greedy_order,
     leave_one_out,
+    oracle_ablation,
     summarize,
 )
 from jaxattn.options.calibration import calibrate_temperature, calibration_set, fit_tau
@@ -39,9 +47,8 @@ from jaxattn.options.derivation import (
     Derivation,
     QKInputs,
     derive_calibrated,
-    derive_option3,
+    derive_oracle,
     run_derivation,
-    run_option3,
     stream_rows,
 )
 from jaxattn.options.direct import (
@@ -56,7 +63,7 @@ from jaxattn.options.direct import (
 )
 from jaxattn.options.factors import (
     INGREDIENTS,
-    OPTION3,
+    ORACLE_INPUTS,
     SEED_DERIVATION,
     DerivationConfig,
     NgramQueryTable,
@@ -67,6 +74,7 @@ from jaxattn.options.factors import (
     smoothed_log_probs,
     table_factors,
 )
+from jaxattn.options.gpt2 import GPT2_OPTION3, GPT2Config, check_fits, derive_gpt2, run_gpt2, run_option3
 from jaxattn.options.ppmi import (
     PPMIConfig,
     cooccurrence_matrix,
@@ -77,6 +85,7 @@ from jaxattn.options.ppmi import (
     ppmi_vectors,
     run_option1,
 )
+from jaxattn.options.residual import CapacityError
 from jaxattn.options.trained import (
     default_train_config,
     embedding_stats,
@@ -92,16 +101,21 @@ from jaxattn.progress import Timer
 __all__ = [
     "ABLATION_METRICS",
     "ABLATION_STEPS",
+    "CapacityError",
     "DIRECT_FLOOR",
+    "GPT2_OPTION3",
     "INGREDIENTS",
     "LABELS",
-    "OPTION3",
+    "ORACLE_INPUTS",
     "OPTIONS",
     "REGISTRY",
     "SEED_DERIVATION",
     "Derivation",
     "DerivationConfig",
     "DirectTables",
+    "GPT2Config",
+    "GPT2_STEPS",
+    "GPT2_VARIANTS",
     "NgramQueryTable",
     "OptionSpec",
     "PPMIConfig",
@@ -111,11 +125,13 @@ __all__ = [
     "ablation",
     "calibrate_temperature",
     "calibration_set",
+    "check_fits",
     "centred_target",
     "cooccurrence_matrix",
     "default_train_config",
     "derive_calibrated",
-    "derive_option3",
+    "derive_gpt2",
+    "derive_oracle",
     "direct_logits",
     "direct_logits_fn",
     "direct_row_ids",
@@ -128,6 +144,7 @@ __all__ = [
     "heldout_alignment",
     "layer0_circuit_error",
     "leave_one_out",
+    "oracle_ablation",
     "lstsq",
     "ngram_query_table",
     "option2_costs",
@@ -137,6 +154,7 @@ __all__ = [
     "ppmi_matrix",
     "ppmi_vectors",
     "run_derivation",
+    "run_gpt2",
     "run_option",
     "run_option1",
     "run_option2",
@@ -165,6 +183,8 @@ class OptionSpec:
         run: ``run(prep, *, progress=True, timer=None, **knobs) -> AnalysisResult``.
         ceiling: an upper bound rather than a candidate solution (Option 2 reads the count
             tables directly instead of deriving weights).
+        exportable: its model is a plain GPT-2 (no ``qk_inputs`` or ``attn_logits`` hook), so
+            ``jaxattn export`` can write it as a HuggingFace checkpoint.
     """
 
     name: str
@@ -172,14 +192,17 @@ class OptionSpec:
     description: str
     run: RunFn
     ceiling: bool = False
+    exportable: bool = True
 
 
 #: Every option, in canonical order (the order of tables, plots and ``--options all``): one line each.
 _SPECS = (
     OptionSpec("baseline", "baseline", "the seed derivation, unchanged", run_baseline),
     OptionSpec("1", "option1", "PPMI + SVD token embeddings under the seed derivation", run_option1),
-    OptionSpec("2", "option2", "attention logits gathered from the count tables", run_option2, ceiling=True),
-    OptionSpec("3", "option3", "a closed-form derivation with switchable ingredients", run_option3),
+    OptionSpec(
+        "2", "option2", "attention logits gathered from the count tables", run_option2, ceiling=True, exportable=False
+    ),
+    OptionSpec("3", "option3", "a standard GPT-2 whose every weight comes from the counts", run_option3),
     OptionSpec("4", "option4", "trained token embeddings, every attention weight frozen", run_option4),
 )
 
@@ -204,7 +227,7 @@ def run_option(
         progress: progress bars.
         timer: stage timer (None: untimed).
         **kw: option-specific knobs: ``ppmi=PPMIConfig`` (1), ``floor``/``measure_cost`` (2),
-            ``derivation=DerivationConfig`` (3), anything :func:`run_option4` takes (4).
+            ``derivation=GPT2Config`` (3), anything :func:`run_option4` takes (4).
 
     Returns:
         :class:`~jaxattn.pipeline.AnalysisResult` labelled "baseline", "option1", ..., "option4".

@@ -1,10 +1,15 @@
-"""The Option 3 ablation: the seed derivation, then one ingredient more per row, and its table.
+"""The Option 3 ablation: from the seed baseline to the standard-GPT-2 Option 3, one ingredient per row.
 
-:func:`ablation` adds the ingredients of :data:`ABLATION_STEPS` cumulatively, starting from the
-seed derivation; its last row is Option 3. :func:`greedy_order` is how that order was chosen,
-:func:`leave_one_out` the complement (Option 3 minus one ingredient at a time), and
-:func:`format_ablation` the one formatter of these tables. Every row is measured like the
-baseline, on the run's held-out sequences.
+:func:`ablation` is the table ``compare`` prints: the seed baseline, then the ingredients of the
+standard-GPT-2 construction (:data:`GPT2_STEPS`) added cumulatively, so that its last step is
+Option 3; then Option 3 with one ingredient changed (:data:`GPT2_VARIANTS`); and, beside them,
+the "oracle inputs" ceiling, the earlier derivation that feeds each query its n-gram through
+the ``qk_inputs`` hook (:data:`~jaxattn.options.factors.ORACLE_INPUTS`).
+
+:func:`oracle_ablation` is the same kind of table for the oracle derivation's own ingredients
+(:data:`ABLATION_STEPS`), :func:`greedy_order` how that order was chosen, and
+:func:`leave_one_out` its complement. :func:`format_ablation` formats all of them. Every row
+is measured like the baseline, on the run's held-out sequences, with its next-token bits.
 """
 
 from __future__ import annotations
@@ -16,17 +21,21 @@ import numpy as np
 
 from jaxattn.errors import JaxattnError
 from jaxattn.options.derivation import run_derivation
-from jaxattn.options.factors import OPTION3, SEED_DERIVATION, DerivationConfig
-from jaxattn.pipeline import Prepared
+from jaxattn.options.factors import ORACLE_INPUTS, SEED_DERIVATION, DerivationConfig
+from jaxattn.options.gpt2 import GPT2Config, run_gpt2
+from jaxattn.pipeline import AnalysisResult, Prepared
 from jaxattn.progress import Timer, progress_iter
 
 __all__ = [
     "ABLATION_METRICS",
     "ABLATION_STEPS",
+    "GPT2_STEPS",
+    "GPT2_VARIANTS",
     "ablation",
     "format_ablation",
     "greedy_order",
     "leave_one_out",
+    "oracle_ablation",
     "summarize",
 ]
 
@@ -38,7 +47,7 @@ ABLATION_METRICS = ("cosine", "argmax_match_tied", "kl", "entropy")
 #: (evaluated on King Lear): each round adds the ingredient with the largest gain in mean
 #: cosine + tie-aware argmax match. The structural fixes (what the layer reads, exact
 #: inverses) come first; the log-P target pays off only once they are in place. Its fields
-#: are exactly :data:`~jaxattn.options.factors.INGREDIENTS`, so the last row is :data:`OPTION3`.
+#: are exactly :data:`~jaxattn.options.factors.INGREDIENTS`, so the last row is :data:`ORACLE_INPUTS`.
 ABLATION_STEPS: tuple[tuple[str, str, str], ...] = (
     (
         "embed_stream",
@@ -51,6 +60,42 @@ ABLATION_STEPS: tuple[tuple[str, str, str], ...] = (
     ("log_target", "log-P target", "factor the smoothed, row-centred log P~ instead of the manifold M"),
     ("frequency_weighting", "frequency weighting", "count-weighted rank-K factorisation and least squares"),
 )
+
+
+#: The standard-GPT-2 construction, ingredient by ingredient: (label, what it adds, its config).
+#: Each step keeps the ones above it; the last is Option 3 (:data:`~jaxattn.options.gpt2.GPT2_OPTION3`).
+GPT2_STEPS: tuple[tuple[str, str, GPT2Config], ...] = (
+    (
+        "token block",
+        "a standard GPT-2 whose heads read an orthonormal token block: rank-K factors of the centred "
+        "log P~, exact inverses, tau = 1, W_V = W_O = 0; n >= 2 queries know only their token",
+        GPT2Config(positions=False, detectors=False, norm_pad=False),
+    ),
+    (
+        "positions, prev head",
+        "learned positions and previous-token heads in a preparation block (nothing reads them yet)",
+        GPT2Config(detectors=False, norm_pad=False),
+    ),
+    (
+        "MLP detectors",
+        "closed-form MLP bigram detectors write each context's query factors and the LM readout",
+        GPT2Config(norm_pad=False),
+    ),
+    ("norm pad", "a pad dimension keeps ||x|| equal, so every LayerNorm is one known rescaling", GPT2Config()),
+)
+
+#: Option 3 with one thing changed: (label, what changes, its config).
+GPT2_VARIANTS: tuple[tuple[str, str, GPT2Config], ...] = (
+    (
+        "- prep block",
+        "no preparation block: the previous-token head takes layout layer 0's last head",
+        GPT2Config(prep_blocks=0, approximate=True),
+    ),
+    ("- small writes", "every layout head also writes O(1) into an unread block", GPT2Config(head_writes=1.0)),
+)
+
+#: The ceiling row: the oracle-inputs derivation.
+_CEILING = ("oracle inputs", "queries told their n-gram from outside through the qk_inputs hook (not a GPT-2)")
 
 
 def summarize(records: list[dict[str, Any]], num_layers: int) -> dict[str, Any]:
@@ -73,29 +118,77 @@ def summarize(records: list[dict[str, Any]], num_layers: int) -> dict[str, Any]:
     return out
 
 
+def _summary_row(prep: Prepared, k: int, kind: str, label: str, desc: str, config: Any, res: AnalysisResult) -> dict:
+    row: dict[str, Any] = {"step": k, "kind": kind, "ingredient": label, "description": desc, "config": config}
+    row.update(summarize(res.records, prep.config.num_layers))
+    if res.language_model is not None:
+        row["bits_per_token"] = res.language_model["derived_bits_per_token"]
+        row["ngram_bits_per_token"] = res.language_model["ngram_bits_per_token"]
+    return row
+
+
 def _row(
     prep: Prepared, k: int, label: str, desc: str, dcfg: DerivationConfig, run_label: str, timer: Timer | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One table row: runs the derivation ``dcfg`` and summarises it (also returns the result's extra)."""
     res = run_derivation(prep, dcfg, label=run_label, progress=False, timer=timer)
-    row: dict[str, Any] = {"step": k, "ingredient": label, "description": desc, "config": dataclasses.asdict(dcfg)}
-    row.update(summarize(res.records, prep.config.num_layers))
-    return row, res.extra
+    return _summary_row(prep, k, "step", label, desc, dataclasses.asdict(dcfg), res), res.extra
 
 
-def ablation(
+def ablation(prep: Prepared, *, progress: bool = True, timer: Timer | None = None) -> list[dict[str, Any]]:
+    """The Option 3 ablation: seed baseline, the GPT-2 ingredients cumulatively, variants, the ceiling.
+
+    Row 0 is the seed baseline (identical to :func:`jaxattn.pipeline.run_baseline`); rows 1 ..
+    len(:data:`GPT2_STEPS`) add one ingredient each (``kind`` "step"; the last is Option 3);
+    then one row per :data:`GPT2_VARIANTS` (``kind`` "variant"), and the oracle-inputs ceiling
+    (``kind`` "ceiling"). A configuration that does not fit the model is reported in its row
+    (``error``) instead of stopping the table.
+
+    Args:
+        prep: the prepared run.
+        progress: progress bars.
+        timer: stage timer (each row adds to "derive", "forward", "metrics").
+
+    Returns:
+        One dict per row: ``step``, ``kind``, ``ingredient``, ``description``, ``config``, the
+        :func:`summarize` numbers, and ``bits_per_token`` / ``ngram_bits_per_token``.
+    """
+    plan: list[tuple[str, str, str, Any]] = [("step", "seed baseline", "the seed derivation (SPEC §2)", None)]
+    plan += [("step", label, desc, cfg) for label, desc, cfg in GPT2_STEPS]
+    plan += [("variant", label, desc, cfg) for label, desc, cfg in GPT2_VARIANTS]
+    plan.append(("ceiling", *_CEILING, ORACLE_INPUTS))
+    rows = []
+    for k, (kind, label, desc, cfg) in enumerate(progress_iter(plan, desc="ablation", enabled=progress)):
+        if cfg is None:
+            res = run_derivation(prep, SEED_DERIVATION, label=f"ablation{k}", progress=False, timer=timer)
+            conf: Any = dataclasses.asdict(SEED_DERIVATION)
+        elif isinstance(cfg, DerivationConfig):
+            res = run_derivation(prep, cfg, label=f"ablation{k}", progress=False, timer=timer)
+            conf = dataclasses.asdict(cfg)
+        else:
+            try:
+                res = run_gpt2(prep, cfg, label=f"ablation{k}", progress=False, timer=timer)
+            except JaxattnError as e:
+                rows.append({"step": k, "kind": kind, "ingredient": label, "description": desc, "error": str(e)})
+                continue
+            conf = dataclasses.asdict(cfg)
+        rows.append(_summary_row(prep, k, kind, label, desc, conf, res))
+    return rows
+
+
+def oracle_ablation(
     prep: Prepared,
     *,
     progress: bool = True,
     timer: Timer | None = None,
     steps: tuple[tuple[str, str, str], ...] = ABLATION_STEPS,
 ) -> list[dict[str, Any]]:
-    """The Option 3 ablation: the seed derivation, then one ingredient more per row.
+    """The oracle-inputs derivation's own ablation: the seed derivation, then one ingredient more per row.
 
     Row 0 is the seed baseline (:data:`SEED_DERIVATION`, identical to
     :func:`jaxattn.pipeline.run_baseline`); row k adds ``steps[k-1]`` to row k-1; the last
-    row is Option 3 (with the default steps). Every row is measured like the baseline, on
-    ``prep.tokens``.
+    row is the oracle-inputs ceiling (with the default steps). Every row is measured like the
+    baseline, on ``prep.tokens``.
 
     Args:
         prep: the prepared run.
@@ -112,7 +205,7 @@ def ablation(
     rows = []
     dcfg = SEED_DERIVATION
     plan = [("seed", "seed baseline", "the seed derivation (SPEC §2)")] + list(steps)
-    for k, (field, label, desc) in enumerate(progress_iter(plan, desc="ablation", enabled=progress)):
+    for k, (field, label, desc) in enumerate(progress_iter(plan, desc="oracle ablation", enabled=progress)):
         if k > 0:
             on: dict[str, Any] = {field: True}
             dcfg = dataclasses.replace(dcfg, **on)
@@ -191,7 +284,7 @@ def leave_one_out(prep: Prepared, *, progress: bool = True, timer: Timer | None 
         off: dict[str, Any] = {field: False} if field else {}
         if field == "embed_stream":
             off["ngram_queries"] = False
-        dcfg = dataclasses.replace(OPTION3, **off)
+        dcfg = dataclasses.replace(ORACLE_INPUTS, **off)
         row, _ = _row(prep, k, label, desc, dcfg, f"loo{k}", timer)
         rows.append(row)
     return rows
@@ -214,19 +307,26 @@ _FULL_ROW_KEYS = (
 
 def _row_label(row: dict[str, Any]) -> str:
     label = row["ingredient"]
+    if row.get("kind") == "ceiling":
+        return "ceiling: " + label
     return label if row["step"] == 0 or label.startswith("- ") else "+ " + label
 
 
 def _format_full(rows: list[dict[str, Any]]) -> str:
-    """Overall means, the worst layer, and per-layer cosine / tied match of rows with every field."""
+    """Overall means, the worst layer, and per-layer cosine / tied match of rows with every field.
+
+    With ``bits_per_token`` in every row, a last column gives the model's next-token bits.
+    """
+    bits = bool(rows) and all("bits_per_token" in r for r in rows)
     head = f"{'step':>4} {'ingredient':<24} {'cos':>6} {'worst':>6} {'tied':>6} {'worst':>6} {'KL':>6} {'entropy':>7}"
+    head += f" {'bits':>6}" if bits else ""
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['step']:>4} {_row_label(r):<24} {r['cosine_mean']:6.3f} "
             f"{r['cosine_worst_layer']:6.3f} {r['argmax_match_tied_mean']:6.1%} "
             f"{r['argmax_match_tied_worst_layer']:6.1%} "
-            f"{r['kl_mean']:6.3f} {r['entropy_mean']:7.3f}"
+            f"{r['kl_mean']:6.3f} {r['entropy_mean']:7.3f}" + (f" {r['bits_per_token']:6.3f}" if bits else "")
         )
     lines.append("")
     L = len(rows[0]["cosine"]) if rows else 0
@@ -264,6 +364,9 @@ def format_ablation(rows: list[dict[str, Any]]) -> str:
     Returns:
         The table, lines joined by newlines (no trailing newline).
     """
-    if all(all(k in r for k in _FULL_ROW_KEYS) for r in rows):
-        return _format_full(rows)
-    return _format_plain(rows)
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    text = _format_full(rows) if all(all(k in r for k in _FULL_ROW_KEYS) for r in rows) else _format_plain(rows)
+    for r in failed:
+        text += f"\n{r['step']:>4} {_row_label(r)}: not run: {r['error']}"
+    return text

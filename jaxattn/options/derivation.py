@@ -1,12 +1,16 @@
-"""Option 3 (SPEC §3.3): a closed-form derivation whose ingredients switch on one by one.
+"""The "oracle inputs" derivation (Option 3's ceiling): closed-form Q/K fed through the ``qk_inputs`` hook.
+
+Option 3 itself is the standard-GPT-2 construction of :mod:`jaxattn.options.gpt2`. This module
+is the earlier derivation, kept as the ablation's ceiling: it reaches the same alignment by
+telling each query its n-gram's identity from outside the model.
 
 The ingredients are the fields of :class:`~jaxattn.options.factors.DerivationConfig`; all off
 (:data:`SEED_DERIVATION`) reproduces :func:`jaxattn.derive.derive_params` bit for bit, all on
-is Option 3 (:data:`OPTION3`). :func:`derive_option3` builds the weights from the per-table
+is the oracle-inputs ceiling (:data:`ORACLE_INPUTS`). :func:`derive_oracle` builds the weights from the per-table
 factors (:mod:`jaxattn.options.factors`), :func:`~jaxattn.options.calibration.calibrate_temperature`
 fits tau, and :func:`run_derivation` runs and measures the model like every option.
 
-What the Option 3 model gets as input. The residual stream is the seed's (``x_0 = E[t]``,
+What the oracle-inputs model gets as input. The residual stream is the seed's (``x_0 = E[t]``,
 seed W_V/W_O, the random MLP), but attention reads its queries and keys through the model's
 ``qk_inputs`` hook (:class:`QKInputs`), not from ``LN(x)``: keys at every layer are
 ``LN(E[t_j])``; queries are ``LN(E[t_i])`` at n = 1 layers and, at n >= 2 layers, the row of
@@ -45,7 +49,6 @@ from jaxattn.errors import JaxattnError
 from jaxattn.model import ModelConfig, Params
 from jaxattn.options.calibration import calibrate_temperature, calibration_set
 from jaxattn.options.factors import (
-    OPTION3,
     DerivationConfig,
     NgramQueryTable,
     TableFactors,
@@ -53,7 +56,7 @@ from jaxattn.options.factors import (
     ngram_query_table,
     table_factors,
 )
-from jaxattn.pipeline import AnalysisResult, Prepared, batched_attention, evaluate
+from jaxattn.pipeline import AnalysisResult, Prepared, evaluate, language_model_scores, run_model
 from jaxattn.progress import Timer, stage
 from jaxattn.typing import Array, ArrayLike, Float, Integer, PRNGKey
 
@@ -61,9 +64,8 @@ __all__ = [
     "Derivation",
     "QKInputs",
     "derive_calibrated",
-    "derive_option3",
+    "derive_oracle",
     "run_derivation",
-    "run_option3",
     "stream_rows",
 ]
 
@@ -107,7 +109,7 @@ class QKInputs:
 
 @dataclasses.dataclass(frozen=True)
 class Derivation:
-    """Output of :func:`derive_option3`.
+    """Output of :func:`derive_oracle`.
 
     Attributes:
         params: the model's parameter pytree.
@@ -222,7 +224,7 @@ def _scaled_params(raw: Params, config: ModelConfig, dcfg: DerivationConfig) -> 
     return params
 
 
-def derive_option3(
+def derive_oracle(
     tables: dict[tuple[int, int], CountMatrix],
     config: ModelConfig,
     dcfg: DerivationConfig,
@@ -282,7 +284,7 @@ def derive_option3(
 
 
 def derive_calibrated(prep: Prepared, dcfg: DerivationConfig) -> tuple[Derivation, np.ndarray | None]:
-    """:func:`derive_option3` on a run's count tables, then the tau calibration when ``dcfg.temperature``.
+    """:func:`derive_oracle` on a run's count tables, then the tau calibration when ``dcfg.temperature``.
 
     Reads only the count corpus (``prep.tables``, ``prep.corpus``) and the run's shapes; the
     calibration sequences are drawn with ``prep.key("calibration")``.
@@ -294,7 +296,7 @@ def derive_calibrated(prep: Prepared, dcfg: DerivationConfig) -> tuple[Derivatio
     Returns:
         (the derivation, with ``wq`` calibrated; float64 [L, H] tau, or None without ``temperature``).
     """
-    der = derive_option3(prep.tables, prep.config, dcfg, key=prep.key("derive"))
+    der = derive_oracle(prep.tables, prep.config, dcfg, key=prep.key("derive"))
     if not dcfg.temperature:
         return der, None
     tok, expected, mask = calibration_set(
@@ -345,7 +347,7 @@ def run_derivation(
         der, taus = derive_calibrated(prep, dcfg)
         jax.block_until_ready(der.params)
     with stage(timer, "forward"):
-        attn = batched_attention(
+        out = run_model(
             der.params,
             prep.tokens,
             prep.config,
@@ -358,22 +360,6 @@ def run_derivation(
     if taus is not None:
         extra["tau"] = taus.tolist()
     with stage(timer, "metrics"):
-        records = evaluate(prep.expected, prep.mask, prep.pair_index, attn, prep.config, option=label)
-    return AnalysisResult(label, records, attn, der.params, extra)
-
-
-def run_option3(
-    prep: Prepared, *, progress: bool = True, timer: Timer | None = None, derivation: DerivationConfig = OPTION3
-) -> AnalysisResult:
-    """Option 3: the derivation with every ingredient (:data:`OPTION3`).
-
-    Args:
-        prep: the prepared run.
-        progress: progress bars.
-        timer: stage timer.
-        derivation: the ingredients (default: all on).
-
-    Returns:
-        :class:`~jaxattn.pipeline.AnalysisResult` labelled "option3".
-    """
-    return run_derivation(prep, derivation, label="option3", progress=progress, timer=timer)
+        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option=label)
+        lm = language_model_scores(prep, out.next_logprob)
+    return AnalysisResult(label, records, out.attn, der.params, extra, language_model=lm)

@@ -26,7 +26,7 @@ from jaxattn.counts import CountMatrix, check_dense_size
 from jaxattn.derive import derive_params
 from jaxattn.errors import JaxattnError
 from jaxattn.model import ModelConfig, Params, layer_norm
-from jaxattn.pipeline import AnalysisResult, Prepared, batched_attention, evaluate
+from jaxattn.pipeline import AnalysisResult, Prepared, evaluate, language_model_scores, run_model
 from jaxattn.progress import Timer, stage
 from jaxattn.typing import Array, ArrayLike, Float, Int, Integer
 
@@ -149,7 +149,7 @@ def direct_logits_fn(
     pair_index: Int[ArrayLike, "L H"],
     dt: DirectTables,
 ) -> Callable[[np.ndarray], jax.Array]:
-    """``tokens [b, T] -> logits [b, L, H, T, T]`` for :func:`jaxattn.pipeline.batched_attention`.
+    """``tokens [b, T] -> logits [b, L, H, T, T]`` for :func:`jaxattn.pipeline.run_model`.
 
     Args:
         tables: the count tables.
@@ -282,7 +282,9 @@ def run_option2(
 
     Each head uses its own (n, s) table; queries whose context was never observed get a
     uniform row (all-zero logits). V/O, the MLP and the embeddings are the seed's, so only
-    the attention logits differ from the baseline model.
+    the attention logits differ from the baseline model. The model with the gathered logits
+    still predicts the next token through the seed's V/O, MLP and unembedding; its bits per
+    token are scored (:func:`~jaxattn.pipeline.language_model_scores`).
 
     Args:
         prep: the prepared run.
@@ -299,7 +301,7 @@ def run_option2(
         params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
     logits_fn = direct_logits_fn(prep.tables, prep.pairs, prep.pair_index, dt)
     with stage(timer, "forward"):
-        attn = batched_attention(
+        out = run_model(
             params,
             prep.tokens,
             prep.config,
@@ -313,5 +315,6 @@ def run_option2(
         batch = prep.tokens[: max(1, int(prep.run.batch_size))]
         extra["cost"] = option2_costs(params, dt, batch, prep.tables, prep.pairs, prep.pair_index, prep.config)
     with stage(timer, "metrics"):
-        records = evaluate(prep.expected, prep.mask, prep.pair_index, attn, prep.config, option="option2")
-    return AnalysisResult("option2", records, attn, params, extra)
+        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option="option2")
+        lm = language_model_scores(prep, out.next_logprob)
+    return AnalysisResult("option2", records, out.attn, params, extra, language_model=lm)

@@ -1,4 +1,7 @@
-"""Option 3's ingredients and its per-table algebra: targets, rank-K factors, n-gram query rows.
+"""The derivation ingredients and the per-table algebra: targets, rank-K factors, n-gram query rows.
+
+Shared by Option 3 (:mod:`jaxattn.options.gpt2`, which takes its factors and back-off rows from
+here) and the oracle-inputs ceiling (:mod:`jaxattn.options.derivation`).
 
 :class:`DerivationConfig` lists the ingredients of the Option 3 derivation (all off: the seed
 derivation). For each count table the derivation picks a target ``T`` [R, V], factors it
@@ -27,14 +30,16 @@ from jaxattn.typing import ArrayLike, Float, Int, Integer, PRNGKey
 
 __all__ = [
     "INGREDIENTS",
-    "OPTION3",
+    "ORACLE_INPUTS",
     "SEED_DERIVATION",
     "DerivationConfig",
     "NgramQueryTable",
     "TableFactors",
     "centred_target",
     "lstsq",
+    "level_grams",
     "ngram_query_table",
+    "query_factor_rows",
     "smoothed_log_probs",
     "table_factors",
 ]
@@ -110,9 +115,9 @@ INGREDIENTS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Derivati
 #: The seed derivation (every ingredient off).
 SEED_DERIVATION = DerivationConfig()
 
-#: Option 3: every ingredient on.
+#: The oracle-inputs ceiling: every ingredient on (Option 3 before it ran as a standard GPT-2).
 _ALL_ON: dict[str, Any] = dict.fromkeys(INGREDIENTS, True)
-OPTION3 = dataclasses.replace(SEED_DERIVATION, **_ALL_ON)
+ORACLE_INPUTS = dataclasses.replace(SEED_DERIVATION, **_ALL_ON)
 
 
 def smoothed_log_probs(cm: CountMatrix, smoothing: float) -> Float[np.ndarray, "R V"]:
@@ -286,10 +291,16 @@ class NgramQueryTable:
         return out.astype(np.int32)
 
 
-def _level_grams(
+def level_grams(
     tables: dict[tuple[int, int], CountMatrix], n: int, s_values: list[int], vocab_size: int
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """For m = 1 .. n: the sorted packed keys and the m-grams observed in any ``C^{m,s}``, s in ``s_values``.
+
+    Args:
+        tables: ``{(n, s): CountMatrix}``.
+        n: the longest context length.
+        s_values: the skips whose tables contribute contexts.
+        vocab_size: V.
 
     Returns:
         (keys {m: int64 [R_m]}, grams {m: int [R_m, m]}); m = 1 is every token id.
@@ -308,7 +319,7 @@ def _level_grams(
     return keys, grams
 
 
-def _factor_rows(
+def query_factor_rows(
     tables: dict[tuple[int, int], CountMatrix],
     fac: TableFactors,
     keys: dict[int, np.ndarray],
@@ -319,6 +330,14 @@ def _factor_rows(
     dcfg: DerivationConfig,
 ) -> list[np.ndarray]:
     """The query factor of table ``(n, s)`` for every m-gram row, m = 1 .. n (see :func:`ngram_query_table`).
+
+    Args:
+        tables: ``{(n, s): CountMatrix}``.
+        fac: :func:`table_factors` of ``C^{n,s}``.
+        keys, grams: :func:`level_grams` of the layer.
+        n, s: the table.
+        vocab_size: V.
+        dcfg: the ingredients (``smoothing``, for the centred log targets of shorter contexts).
 
     Returns:
         For m = 1 .. n: float64 [R_m, K].
@@ -382,10 +401,10 @@ def ngram_query_table(
     """
     V = next(iter(tables.values())).vocab_size
     levels = list(range(1, n + 1))
-    keys, grams = _level_grams(tables, n, s_values, V)
+    keys, grams = level_grams(tables, n, s_values, V)
     blocks: dict[int, list[np.ndarray]] = {m: [] for m in levels}
     for s in s_values:
-        for m, rows in zip(levels, _factor_rows(tables, factors[(n, s)], keys, grams, n, s, V, dcfg), strict=True):
+        for m, rows in zip(levels, query_factor_rows(tables, factors[(n, s)], keys, grams, n, s, V, dcfg), strict=True):
             blocks[m].append(rows)
     F = np.concatenate([np.concatenate(blocks[m], axis=1) for m in reversed(levels)], axis=0)
     _, S, Vt = np.linalg.svd(F, full_matrices=False)

@@ -29,7 +29,16 @@ from jaxattn.derive import derive_params
 from jaxattn.errors import JaxattnError
 from jaxattn.model import ModelConfig, Params
 from jaxattn.options.training import NGRAM_PREFIX, QKInputsFn, TrainConfig, train_embeddings
-from jaxattn.pipeline import AnalysisResult, Prepared, RunConfig, batched_attention, evaluate, layer_summary
+from jaxattn.pipeline import (
+    AnalysisResult,
+    ModelRun,
+    Prepared,
+    RunConfig,
+    evaluate,
+    language_model_scores,
+    layer_summary,
+    run_model,
+)
 from jaxattn.progress import Timer, stage
 from jaxattn.typing import ArrayLike, Bool, Float, Int, Integer
 
@@ -73,14 +82,43 @@ def heldout_alignment(
     Returns:
         (records with option "option4", attention float32 [B, L, H, T, T]).
     """
+    records, out = _heldout_run(
+        params,
+        tokens,
+        expected,
+        mask,
+        pair_index,
+        config,
+        batch_size=batch_size,
+        qk_inputs_fn=qk_inputs_fn,
+        progress=progress,
+        timer=timer,
+    )
+    return records, out.attn
+
+
+def _heldout_run(
+    params: Params,
+    tokens: Any,
+    expected: Any,
+    mask: Any,
+    pair_index: Any,
+    config: ModelConfig,
+    *,
+    batch_size: int = 16,
+    qk_inputs_fn: QKInputsFn | None = None,
+    progress: bool = False,
+    timer: Timer | None = None,
+) -> tuple[list[dict[str, Any]], ModelRun]:
+    """:func:`heldout_alignment` that keeps the whole :class:`~jaxattn.pipeline.ModelRun` (next-token log-probs too)."""
     fn = (lambda tok: qk_inputs_fn(params, jnp.asarray(tok))) if qk_inputs_fn is not None else None
     with stage(timer, "forward"):
-        attn = batched_attention(
+        out = run_model(
             params, tokens, config, batch_size=batch_size, qk_inputs_fn=fn, progress=progress, desc="held-out forward"
         )
     with stage(timer, "metrics"):
-        records = evaluate(expected, mask, pair_index, attn, config, option="option4")
-    return records, attn
+        records = evaluate(expected, mask, pair_index, out.attn, config, option="option4")
+    return records, out
 
 
 def score_scale(
@@ -302,7 +340,8 @@ def run_option4(
         (per-layer booleans for cosine, tie-aware argmax and KL) and ``improved_every_layer``,
         ``steps_per_sec``, ``compile_s``, ``num_traces``, ``frozen_bit_identical`` and
         ``frozen_mismatched``, ``trained_leaves``, ``train_ngram_note``, ``score_scale``
-        (:func:`score_scale` before/after) and ``embedding`` (:func:`embedding_stats`).
+        (:func:`score_scale` before/after), ``embedding`` (:func:`embedding_stats`) and
+        ``language_model_before`` (the start's next-token scores; the result's own are the trained model's).
     """
     train_cfg = default_train_config(prep.config, prep.run, train_cfg, **overrides)
     base_params = baseline.params if baseline is not None else None
@@ -313,7 +352,7 @@ def run_option4(
             params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
             jax.block_until_ready(params)
     heldout = functools.partial(
-        heldout_alignment,
+        _heldout_run,
         tokens=prep.tokens,
         expected=prep.expected,
         mask=prep.mask,
@@ -325,9 +364,10 @@ def run_option4(
     )
     # The baseline's numbers are "before" only when training starts from its parameters and inputs.
     if baseline is not None and base_params is not None and qk_inputs_fn is None and params is base_params:
-        before_records, before_attn = baseline.records, baseline.attn
+        before_records, before_attn, lm_before = baseline.records, baseline.attn, baseline.language_model
     else:
-        before_records, before_attn = heldout(params, progress=progress)
+        before_records, before_out = heldout(params, progress=progress)
+        before_attn, lm_before = before_out.attn, language_model_scores(prep, before_out.next_logprob)
     key = jax.random.fold_in(prep.key("option4"), train_cfg.seed)
     with stage(timer, "train"):
         trained, curves = train_embeddings(
@@ -343,8 +383,10 @@ def run_option4(
             heldout=lambda p: heldout(p)[0],
             before_records=before_records,
         )
-    records, attn = heldout(trained, progress=progress)
+    records, out = heldout(trained, progress=progress)
     extra = _option4_extra(
-        train_cfg, curves, before_records, records, (params, before_attn), (trained, attn), prep.config
+        train_cfg, curves, before_records, records, (params, before_attn), (trained, out.attn), prep.config
     )
-    return AnalysisResult("option4", records, attn, trained, extra)
+    extra["language_model_before"] = lm_before
+    lm = language_model_scores(prep, out.next_logprob)
+    return AnalysisResult("option4", records, out.attn, trained, extra, language_model=lm)

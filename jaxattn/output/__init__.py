@@ -6,7 +6,8 @@ Outside the pure core: these modules only read results.
 * :mod:`~jaxattn.output.tables`: fixed-width terminal tables and the run header;
 * :mod:`~jaxattn.output.plots`: the figures (matplotlib);
 * :mod:`~jaxattn.output.documents`: the ``metrics.json`` document and its provenance;
-* :mod:`~jaxattn.output.artefacts`: saved count tables, weights and embeddings (safetensors + JSON).
+* :mod:`~jaxattn.output.artefacts`: saved count tables, weights and embeddings (safetensors + JSON);
+* :mod:`~jaxattn.output.hf`: the HuggingFace GPT-2 export (``jaxattn export``).
 """
 
 from jaxattn.output.artefacts import (
@@ -21,20 +22,44 @@ from jaxattn.output.artefacts import (
 )
 from jaxattn.output.documents import environment_info, metrics_document
 from jaxattn.output.files import atomic_open, ensure_out_dir, jsonable, write_json
+from jaxattn.output.hf import (
+    DEFAULT_N_POSITIONS,
+    GPT2_FILES,
+    GPT2Checkpoint,
+    check_gpt2_config,
+    gpt2_config,
+    gpt2_state_dict,
+    layout_heads,
+    load_gpt2_checkpoint,
+    params_from_gpt2,
+    save_gpt2_checkpoint,
+    vocab_from_tokenizer,
+)
 
 __all__ = [
+    "DEFAULT_N_POSITIONS",
     "FORMAT_VERSION",
+    "GPT2_FILES",
+    "GPT2Checkpoint",
     "artefact_info",
     "atomic_open",
+    "check_gpt2_config",
     "ensure_out_dir",
     "environment_info",
+    "gpt2_config",
+    "gpt2_state_dict",
     "jsonable",
+    "layout_heads",
     "load_embeddings",
+    "load_gpt2_checkpoint",
     "load_params",
     "load_tables",
     "metrics_document",
+    "params_from_gpt2",
     "save_embeddings",
+    "save_gpt2_checkpoint",
     "save_params",
     "save_tables",
+    "vocab_from_tokenizer",
     "write_json",
 ]

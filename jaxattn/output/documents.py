@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from jaxattn.version import VERSION
 
-__all__ = ["environment_info", "git_commit", "metrics_document"]
+__all__ = ["environment_info", "git_commit", "language_model_block", "metrics_document"]
 
 
 def environment_info() -> dict[str, Any]:
@@ -58,6 +59,26 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def language_model_block(results: Sequence[Any]) -> dict[str, dict[str, Any] | None]:
+    """``metrics.json``'s ``"language_model"`` block: each option's next-token scores, by label.
+
+    Args:
+        results: :class:`~jaxattn.pipeline.AnalysisResult` s (anything with ``.option`` and
+            ``.language_model``), in order.
+
+    Returns:
+        ``{option label: {"derived_bits_per_token", "ngram_bits_per_token",
+        "uniform_bits_per_token", "num_predictions", "ngram_order", "smoothing"} or None}``
+        (None for an option that did not score its predictions); see
+        :func:`jaxattn.pipeline.language_model_scores`.
+    """
+    out: dict[str, dict[str, Any] | None] = {}
+    for res in results:
+        lm = getattr(res, "language_model", None)
+        out[str(res.option)] = dict(lm) if lm is not None else None
+    return out
+
+
 def metrics_document(
     records: list[dict[str, Any]],
     *,
@@ -66,6 +87,7 @@ def metrics_document(
     eval_corpus: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
+    language_model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``metrics.json`` document (SPEC §5 schema plus provenance).
 
@@ -79,14 +101,18 @@ def metrics_document(
         eval_corpus: ``Corpus.info()`` of the evaluation corpus.
         timings: wall time of each stage, seconds.
         extra: more top-level fields.
+        language_model: the ``"language_model"`` block (:func:`language_model_block`): per option,
+            the next-token bits per token of the derived model, its n-gram model and uniform.
 
     Returns:
-        ``{"results", "config", "corpus", "eval_corpus", "environment", "created_utc",
-        "timings_s", ...extra}``.
+        ``{"results", "config", "corpus", "eval_corpus", "language_model", "environment",
+        "created_utc", "timings_s", ...extra}``.
     """
     doc: dict[str, Any] = {"results": records, "config": config, "corpus": corpus}
     if eval_corpus is not None:
         doc["eval_corpus"] = eval_corpus
+    if language_model is not None:
+        doc["language_model"] = language_model
     doc["environment"] = environment_info()
     doc["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if timings is not None:

@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "format_construction",
     "format_diagnostics",
     "format_extra_scalars",
+    "format_language_model",
     "format_layer_summary",
     "format_options_summary",
     "format_table",
@@ -93,6 +95,72 @@ def format_options_summary(summaries: list[dict[str, Any]]) -> str:
             f"{s['option']:>9} {s['cosine']:7.3f} {cos_split:>15} {s['argmax_match_tied']:7.1%} {tied_split:>15} "
             f"{s['argmax_match']:7.1%} {s['kl']:7.3f} {s['entropy']:7.3f} {secs_txt}"
         )
+    return "\n".join(lines)
+
+
+def format_language_model(block: dict[str, dict[str, Any] | None]) -> str:
+    """Per option, the derived model's next-token bits per token beside its n-gram model's and uniform's.
+
+    Args:
+        block: ``{option label: scores or None}`` (``metrics.json``'s ``"language_model"``, from
+            :func:`jaxattn.output.documents.language_model_block`).
+
+    Returns:
+        A title line and one row per option ("-" where an option has no scores); "" when no
+        option has scores.
+    """
+    scored = [d for d in block.values() if d]
+    if not scored:
+        return ""
+    first = scored[0]
+    title = (
+        f"next-token bits per token on the eval sequences ({first['num_predictions']:,} predictions; "
+        f"n-gram: order {first['ngram_order']}, add-{first['smoothing']:g}, from the same count tables):"
+    )
+    head = f"{'option':>9} {'model':>8} {'n-gram':>8} {'uniform':>8} {'model/n-gram':>13}"
+    lines = [title, head, "-" * len(head)]
+
+    def num(v: Any, width: int, fmt: str = ".3f") -> str:
+        return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and np.isfinite(v) else f"{'-':>{width}}"
+
+    for label, d in block.items():
+        if not d:
+            lines.append(f"{label:>9} {'-':>8} {'-':>8} {'-':>8} {'-':>13}")
+            continue
+        model, ngram = d.get("derived_bits_per_token"), d.get("ngram_bits_per_token")
+        ratio = model / ngram if isinstance(model, float) and isinstance(ngram, float) and ngram > 0 else None
+        lines.append(
+            f"{label:>9} {num(model, 8)} {num(ngram, 8)} {num(d.get('uniform_bits_per_token'), 8)} {num(ratio, 13)}"
+        )
+    return "\n".join(lines)
+
+
+def format_construction(option: str, extra: dict[str, Any]) -> str:
+    """How the standard-GPT-2 Option 3 used its capacity (empty for results without those fields).
+
+    Args:
+        option: the result's label.
+        extra: its ``extra`` (``residual_dims``, ``mlp_units``, ``prep_blocks`` of
+            :func:`jaxattn.options.derive_gpt2`).
+
+    Returns:
+        Two or three lines: residual dims used of d_model (per block), MLP units and detectors
+        kept per context length, and the approximation, if any.
+    """
+    dims, units = extra.get("residual_dims"), extra.get("mlp_units")
+    if not dims or not units:
+        return ""
+    blocks = " + ".join(f"{k} {v}" for k, v in dims.items() if k not in ("used", "d_model"))
+    kept, needed = units["kept"], units["needed"]
+    ctx = ", ".join(f"{m}-gram {kept.get(m, 0):,}/{needed[m]:,}" for m in sorted(needed) if m != "1")
+    lines = [
+        f"{option}: a standard GPT-2 with {extra.get('prep_blocks', 0)} preparation block(s) ahead of the layout",
+        f"  residual: {dims['used']} of d_model {dims['d_model']} dims ({blocks})",
+        f"  MLP n-gram detectors kept/observed: {ctx or 'none'} (+{kept.get('1', 0)} token units; "
+        f"{units['per_mlp']:,} units per MLP, {units['slots_used']} MLP(s) used)",
+    ]
+    if any(kept.get(m, 0) < needed[m] for m in needed):
+        lines.append("  approximate: the contexts without a detector back off to their longest detected suffix")
     return "\n".join(lines)
 
 

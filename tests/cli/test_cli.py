@@ -229,3 +229,10 @@ def test_subprocess_read_only_output_directory(files):
         assert (r.returncode, r.stderr) == (2, f"jaxattn: error: output directory '{ro}' is not writable\n")
     finally:
         ro.chmod(0o755)
+
+
+def test_option3_that_does_not_fit_is_refused_with_the_requirement(files, capsys):
+    """The standard-GPT-2 Option 3 refuses a residual too narrow for its blocks, naming both sizes."""
+    code, _, err = run_main(analyze(files, "--option", "3"), capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "Option 3 as a GPT-2 needs a residual of" in err and "but d_model=16" in err, err

@@ -32,6 +32,22 @@ def slice_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -
     return d
 
 
+def _check_language_model(doc: dict, labels: list[str]) -> None:
+    """Every option scored is in the ``language_model`` block: three finite numbers, uniform = log2 V, n-gram < uniform."""
+    block = doc["language_model"]
+    assert list(block) == labels
+    V = doc["config"]["model"]["vocab_size"]
+    for lab in labels:
+        d = block[lab]
+        for k in ("derived_bits_per_token", "ngram_bits_per_token", "uniform_bits_per_token"):
+            assert isinstance(d[k], float) and np.isfinite(d[k]) and d[k] > 0, (lab, k, d[k])
+        assert d["uniform_bits_per_token"] == pytest.approx(np.log2(V), rel=1e-12)
+        assert d["ngram_bits_per_token"] < d["uniform_bits_per_token"]  # real text: the counts predict it
+        assert d["num_predictions"] == 3 * 15 and d["ngram_order"] == 3 and d["smoothing"] == 0.01
+    # Every option is scored against the same n-gram model on the same predictions.
+    assert len({block[lab]["ngram_bits_per_token"] for lab in labels}) == 1
+
+
 def _check_metrics(out: Path, labels: list[str]) -> dict:
     doc = json.loads((out / "metrics.json").read_text())
     assert {"results", "config", "corpus"} <= set(doc)
@@ -133,6 +149,10 @@ def test_compare_writes_every_option_ablation_and_diagnostics(slice_dir, tmp_pat
     assert diag["verdicts"] == doc["verdicts"] and len(doc["verdicts"]) >= 8
     assert {v["verdict"] for v in doc["verdicts"]} <= {"supported", "refuted", "partly"}
     assert len(diag["layers"]) == LAYERS
+    # The real baseline is scored as a language model; the stand-ins carry no scores.
+    assert list(doc["language_model"]) == labels
+    assert all(doc["language_model"][lab] is None for lab in labels[1:])
+    _check_language_model({**doc, "language_model": {"baseline": doc["language_model"]["baseline"]}}, ["baseline"])
     for name in ("options_comparison.png", "ablation.png", "diagnostics.png", "expected_vs_actual_attention.png"):
         assert (out / name).stat().st_size > 1000
     for lab in labels:
@@ -166,6 +186,23 @@ def test_compare_subset_skips_and_real_option2(slice_dir, tmp_path):
     # The gather from the tables reproduces the expected attention far better than the seed derivation.
     assert np.mean([r["cosine"] for r in o2]) > 0.99 > np.mean([r["cosine"] for r in b])
     assert "cost" in doc["option_extras"]["option2"]
+    _check_language_model(doc, ["baseline", "option2"])
+
+
+def test_analyze_reports_the_language_model(slice_dir, tmp_path, capsys):
+    """``analyze`` (the real baseline) prints and writes the model's, the n-gram model's and uniform's bits/token."""
+    out = tmp_path / "lm"
+    argv = ["analyze", "--corpus", str(slice_dir), "--heldout", "zeval", *FAST, "--out", str(out)]
+    assert cli.main(argv) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    _check_language_model(doc, ["baseline"])
+    text = capsys.readouterr().out
+    assert "next-token bits per token" in text
+    d = doc["language_model"]["baseline"]
+    row = next(ln for ln in text.splitlines() if ln.split()[:1] == ["baseline"] and len(ln.split()) == 5)
+    assert row.split()[1:4] == [
+        f"{d[k]:.3f}" for k in ("derived_bits_per_token", "ngram_bits_per_token", "uniform_bits_per_token")
+    ]
 
 
 @pytest.mark.slow

@@ -23,8 +23,11 @@ def markov():
 
 @pytest.fixture(scope="package")
 def markov_results(markov):
+    """Baseline, Options 2 and 3 (the standard GPT-2), and the oracle-inputs ceiling ("oracle")."""
     prep, _ = markov
-    return {opt: options.run_option(prep, opt, progress=False) for opt in ("baseline", "2", "3")}
+    out = {opt: options.run_option(prep, opt, progress=False) for opt in ("baseline", "2", "3")}
+    out["oracle"] = options.run_derivation(prep, options.ORACLE_INPUTS, label="oracle", progress=False)
+    return out
 
 
 @pytest.fixture(scope="package")

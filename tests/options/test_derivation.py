@@ -1,4 +1,4 @@
-"""Option 3: the closed-form derivation, its factors and its temperature, against planted statistics."""
+"""The oracle-inputs derivation (Option 3's ceiling) and Option 3, against planted statistics."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.options.common import layer_means
 
 def test_seed_derivation_reproduces_the_baseline_exactly(markov, markov_results):
     prep, _ = markov
-    der = options.derive_option3(prep.tables, prep.config, options.SEED_DERIVATION, key=prep.key("derive"))
+    der = options.derive_oracle(prep.tables, prep.config, options.SEED_DERIVATION, key=prep.key("derive"))
     base = markov_results["baseline"].params
     for k in base:
         np.testing.assert_array_equal(np.asarray(der.params[k]), np.asarray(base[k]), err_msg=k)
@@ -32,8 +32,9 @@ def check_option3_beats_baseline(results):
     assert np.all(layer_means(opt3.records, "kl") < layer_means(base.records, "kl"))
 
 
-def test_option3_beats_the_baseline_on_every_layer(markov_results):
+def test_option3_and_the_oracle_beat_the_baseline_on_every_layer(markov_results):
     check_option3_beats_baseline(markov_results)
+    check_option3_beats_baseline({**markov_results, "3": markov_results["oracle"]})
 
 
 @pytest.mark.slow
@@ -60,19 +61,23 @@ def test_option3_on_a_planted_markov_chain(markov, markov_results):
         assert float(np.mean(m["cosine"])) > 0.97, (l, h, float(np.mean(m["cosine"])))
 
 
-def test_option3_least_squares_are_exact_and_tau_is_near_one(markov_results):
-    res = markov_results["3"]
+def test_oracle_least_squares_are_exact_and_tau_is_near_one(markov_results):
+    res = markov_results["oracle"]
     for name, t in res.extra["tables"].items():
         assert t["lstsq_residual_q"] < 1e-5 and t["lstsq_residual_k"] < 1e-5, name
     tau = np.array(res.extra["tau"])
     assert np.all((tau > 0.7) & (tau < 1.4)), tau
 
 
-def test_option3_is_deterministic(markov, markov_results):
+@pytest.mark.parametrize("name", ["3", "oracle"])
+def test_option3_and_the_oracle_are_deterministic(markov, markov_results, name):
     prep, _ = markov
-    again = options.run_option(prep, "3", progress=False)
-    assert again.records == markov_results["3"].records
-    np.testing.assert_array_equal(again.attn, markov_results["3"].attn)
+    if name == "3":
+        again = options.run_option(prep, "3", progress=False)
+    else:
+        again = options.run_derivation(prep, options.ORACLE_INPUTS, label="oracle", progress=False)
+    assert again.records == markov_results[name].records
+    np.testing.assert_array_equal(again.attn, markov_results[name].attn)
 
 
 def test_derivation_reads_only_the_count_corpus(markov):
@@ -81,7 +86,7 @@ def test_derivation_reads_only_the_count_corpus(markov):
     swapped = dataclasses.replace(prep, eval_corpus=other)
     params = []
     for p in (prep, swapped):
-        der, tau = options.derive_calibrated(p, options.OPTION3)
+        der, tau = options.derive_calibrated(p, options.ORACLE_INPUTS)
         assert tau is not None and tau.shape == (p.config.num_layers, p.config.num_heads)
         params.append(der.params)
     for k in params[0]:
@@ -90,7 +95,7 @@ def test_derivation_reads_only_the_count_corpus(markov):
 
 def test_calibration_folds_tau_into_wq_only(markov):
     prep, _ = markov
-    der = options.derive_option3(prep.tables, prep.config, options.OPTION3, key=prep.key("derive"))
+    der = options.derive_oracle(prep.tables, prep.config, options.ORACLE_INPUTS, key=prep.key("derive"))
     tok, expected, mask = options.calibration_set(
         prep.tables, prep.pairs, prep.corpus.tokens, prep.corpus.doc_ids, 32, 4, key=prep.key("calibration")
     )
@@ -110,7 +115,7 @@ def test_calibration_folds_tau_into_wq_only(markov):
 
 def test_ngram_query_lookup_backs_off_to_the_longest_observed_suffix(markov):
     prep, _ = markov
-    der = options.derive_option3(prep.tables, prep.config, options.OPTION3, key=prep.key("derive"))
+    der = options.derive_oracle(prep.tables, prep.config, options.ORACLE_INPUTS, key=prep.key("derive"))
     qt = der.qk_inputs.ngram_tables[0]
     assert qt.n == 2
     cm = prep.tables[(2, 0)]
@@ -149,7 +154,7 @@ def test_option3_is_every_ingredient_and_the_seed_none():
         "ngram_queries",
         "frequency_weighting",
     )
-    assert all(getattr(options.OPTION3, f) for f in options.INGREDIENTS)
+    assert all(getattr(options.ORACLE_INPUTS, f) for f in options.INGREDIENTS)
     assert not any(getattr(options.SEED_DERIVATION, f) for f in options.INGREDIENTS)
     assert options.SEED_DERIVATION == options.DerivationConfig()
 
