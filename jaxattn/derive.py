@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxattn.counts import CountMatrix, SparseMatrix, check_dense_size, manifold_matrix, probability_matrix
 from jaxattn.embeddings import base_embeddings, ngram_embeddings
@@ -17,6 +18,19 @@ from jaxattn.errors import JaxattnError, MemoryBudgetError
 from jaxattn.model import ModelConfig, Params, init_mlp
 from jaxattn.svd import truncated_svd
 from jaxattn.typing import Array, ArrayLike, Float, Num, PRNGKey
+
+
+def _on_host(*arrays: Any) -> list[np.ndarray] | None:
+    """The arrays as numpy (a free view for CPU jax arrays), or None when any is a tracer.
+
+    The derivation's products are small (at most [R, V] x [V, K]); on the host they cost
+    microseconds, where each eager jax op costs a dispatch and a compilation per new shape.
+    Results go back with ``jax.device_put`` (a transfer; ``jnp.asarray`` of a numpy array
+    compiles a kernel per shape).
+    """
+    if any(isinstance(a, jax.core.Tracer) for a in arrays):
+        return None
+    return [np.asarray(a) for a in arrays]
 
 
 def _shape(M: Any) -> tuple[int, int]:
@@ -44,6 +58,14 @@ def padded_svd(
         raise JaxattnError(f"rank={rank} must be >= 1")
     r_eff = min(rank, R, V)
     U, S, Vt = truncated_svd(M, r_eff, key=key)
+    if r_eff < rank and not isinstance(M, jax.Array):  # pad on the host: no compilation per shape
+        pad = rank - r_eff
+        hu, hs, hvt = (np.asarray(a) for a in (U, S, Vt))
+        return (
+            jax.device_put(np.pad(hu, ((0, 0), (0, pad)))),
+            jax.device_put(np.pad(hs, (0, pad))),
+            jax.device_put(np.pad(hvt, ((0, pad), (0, 0)))),
+        )
     if r_eff < rank:
         pad = rank - r_eff
         U = jnp.pad(U, ((0, 0), (0, pad)))
@@ -87,6 +109,11 @@ def derive_qk(
     E_n, E_1 = jnp.asarray(E_n), jnp.asarray(E_1)
     _check_embeddings(E_n, E_1, R, V, rank)
     U, S, Vt = padded_svd(M, rank, key=key)
+    host = _on_host(U, S, Vt, E_n, E_1)
+    if host is not None:
+        hu, hs, hvt, hn, h1 = host
+        hroot = np.sqrt(hs)
+        return jax.device_put(hn.T @ (hu * hroot)), jax.device_put(h1.T @ (hvt.T * hroot))
     root = jnp.sqrt(S)
     return E_n.T @ (U * root), E_1.T @ (Vt.T * root)
 
@@ -115,6 +142,11 @@ def derive_vo(
     E_n, E_1 = jnp.asarray(E_n), jnp.asarray(E_1)
     _check_embeddings(E_n, E_1, R, V, rank)
     U, S, Vt = padded_svd(P, rank, key=key)
+    host = _on_host(U, S, Vt, E_n, E_1)
+    if host is not None:
+        hu, hs, hvt, hn, h1 = host
+        hroot = np.sqrt(hs)
+        return jax.device_put((hu * hroot).T @ hn), jax.device_put(h1.T @ (hvt.T * hroot))
     root = jnp.sqrt(S)
     return (U * root).T @ E_n, E_1.T @ (Vt.T * root)
 
@@ -128,9 +160,20 @@ def normalize_std(W: Float[ArrayLike, "*shape"], std: float) -> Float[Array, "*s
 
     Returns:
         ``W * std / std(W)``, same shape; an all-constant ``W`` (std 0) is returned unchanged.
+        Concrete inputs are rescaled on the host (the seed baseline and every derivation that
+        reproduces it take this one path, so they agree bit for bit); traced ones in jax.
     """
+    host = _on_host(W)
+    if host is not None:
+        return jax.device_put(_normalize_std_host(np.asarray(host[0], np.float32), std))
     cur = jnp.std(W)
     return jnp.where(cur > 0, W * (std / jnp.where(cur > 0, cur, 1.0)), W)
+
+
+def _normalize_std_host(W: np.ndarray, std: float) -> np.ndarray:
+    """:func:`normalize_std` in numpy."""
+    cur = float(np.std(W))
+    return (W * np.float32(std / cur)).astype(W.dtype) if cur > 0 else W
 
 
 class HeadWeights(NamedTuple):
@@ -149,8 +192,18 @@ class HeadWeights(NamedTuple):
     wo: Float[Array, "D K"]
 
 
+#: A matrix of at most this many bytes dense is always made dense (when within the budget).
+DENSE_ALWAYS_BYTES = 64 * 1024**2
+#: Above :data:`DENSE_ALWAYS_BYTES`, a matrix is made dense only when at least this share of it is non-zero.
+DENSE_MIN_DENSITY = 0.01
+
+
 def dense_or_sparse(matrix_fn: Any, cm: CountMatrix) -> Any:
-    """``matrix_fn(cm)`` dense when it fits the memory budget, else its sparse form.
+    """``matrix_fn(cm)`` dense when it fits the memory budget and is small or not sparse, else its sparse form.
+
+    Dense when ``R * V * 4 <= DENSE_ALWAYS_BYTES`` or when at least :data:`DENSE_MIN_DENSITY` of the
+    cells are non-zero: a word-level table (V ~ 10^4, 0.1% non-zero) stays sparse, so its SVD
+    costs O(nnz) per product instead of O(R V), and no R x V array is allocated.
 
     Args:
         matrix_fn: :func:`~jaxattn.counts.probability_matrix` or :func:`~jaxattn.counts.manifold_matrix`.
@@ -162,6 +215,9 @@ def dense_or_sparse(matrix_fn: Any, cm: CountMatrix) -> Any:
     try:
         check_dense_size(cm.shape, 4, "matrix", cm.max_dense_bytes)
     except MemoryBudgetError:
+        return matrix_fn(cm, sparse=True)
+    R, V = cm.shape
+    if 4 * R * V > DENSE_ALWAYS_BYTES and cm.nnz < DENSE_MIN_DENSITY * R * V:
         return matrix_fn(cm, sparse=True)
     return matrix_fn(cm)
 
@@ -214,18 +270,23 @@ def assemble_params(
         The parameter pytree of :func:`jaxattn.model.forward`.
     """
     L, H = config.num_layers, config.num_heads
-    stacks: dict[str, list[jax.Array]] = {"wq": [], "wk": [], "wv": [], "wo": []}
+    # Stacked on the host when nothing is traced (no eager op, so no compilation per shape).
+    on_host = _on_host(embed, *(a for w in table_weights.values() for a in w)) is not None
+    xp: Any = np if on_host else jnp
+    stacks: dict[str, list[Any]] = {"wq": [], "wk": [], "wv": [], "wo": []}
     for layer in range(L):
         hw = [table_weights[config.layout(layer, h)] for h in range(H)]
         layer_w = {
-            "wq": jnp.stack([w.wq for w in hw]),
-            "wk": jnp.stack([w.wk for w in hw]),
-            "wv": jnp.stack([w.wv.T for w in hw]),  # stored [D, K]: x @ wv
-            "wo": jnp.stack([w.wo.T for w in hw]),  # stored [K, D]: v @ wo
+            "wq": xp.stack([xp.asarray(w.wq) for w in hw]),
+            "wk": xp.stack([xp.asarray(w.wk) for w in hw]),
+            "wv": xp.stack([xp.asarray(w.wv).T for w in hw]),  # stored [D, K]: x @ wv
+            "wo": xp.stack([xp.asarray(w.wo).T for w in hw]),  # stored [K, D]: v @ wo
         }
         for name, w in layer_w.items():
-            stacks[name].append(normalize_std(w, config.weight_std) if config.weight_std is not None else w)
-    params: Params = {name: jnp.stack(ws).astype(jnp.float32) for name, ws in stacks.items()}
+            if config.weight_std is not None:
+                w = _normalize_std_host(w, config.weight_std) if on_host else normalize_std(w, config.weight_std)
+            stacks[name].append(w)
+    params: Params = {name: jax.device_put(xp.stack(ws).astype(np.float32)) for name, ws in stacks.items()}
     params["embed"] = jnp.asarray(embed, jnp.float32)
     params.update(init_mlp(key, config))
     return params

@@ -276,6 +276,34 @@ def num_prep_blocks(params: Mapping[str, Any], config: ModelConfig) -> int:
     return blocks - config.num_layers
 
 
+def check_token_ids(tokens: Integer[ArrayLike, "*shape"], vocab_size: int) -> None:
+    """Refuses a concrete token id outside ``[0, vocab_size)``; does nothing for traced ids.
+
+    Under ``jax.jit`` (or ``vmap``/``grad``) the ids are tracers and cannot be read, and a
+    ``checkify`` check would force every caller to functionalise its errors. So inside a trace
+    :func:`forward` *clips* each id into ``[0, V)`` instead (``jnp.take(..., mode="clip")``:
+    ``-1`` reads row 0 and ``V + 50`` row ``V - 1``). Check the ids before the jitted call, or
+    call :func:`forward` / :func:`forward_batch` outside ``jit``, where they are checked.
+
+    Args:
+        tokens: int [...] token ids (numpy, jax or a tracer).
+        vocab_size: V.
+
+    Raises:
+        JaxattnError: naming the first out-of-range id found (the minimum if negative, else the
+            maximum) and V, or a non-integer dtype.
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise JaxattnError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= vocab_size:
+            raise JaxattnError(f"token id {lo if lo < 0 else hi} is outside [0, vocab_size={vocab_size})")
+
+
 def forward(
     params: Params,
     tokens: Integer[ArrayLike, " T"],
@@ -308,13 +336,17 @@ def forward(
         :class:`ForwardOutput`.
 
     Raises:
-        JaxattnError: T > n_ctx, or a hook together with preparation blocks.
+        JaxattnError: T > n_ctx, a hook together with preparation blocks, or (concrete ``tokens``
+            only) a token id outside ``[0, V)``; see :func:`check_token_ids` for ids under ``jit``.
     """
+    check_token_ids(tokens, int(params["embed"].shape[0]))
+    tokens = jnp.asarray(tokens)
     T = int(tokens.shape[0])
     prep = num_prep_blocks(params, config)
     if prep and (qk_inputs is not None or attn_logits is not None):
         raise JaxattnError("qk_inputs/attn_logits hooks are not supported with preparation blocks")
-    x = params["embed"][tokens]
+    # Traced ids cannot be checked: they are clipped into [0, V) (documented in check_token_ids).
+    x = jnp.take(params["embed"], jnp.asarray(tokens), axis=0, mode="clip")
     if "wpe" in params:
         if T > params["wpe"].shape[0]:
             raise JaxattnError(f"sequence of {T} tokens is longer than n_ctx={params['wpe'].shape[0]}")
@@ -349,16 +381,32 @@ def forward(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_inputs"))
+def _forward_batch_jit(
+    params: Params,
+    tokens: jax.Array,
+    config: ModelConfig,
+    qk_inputs: Any,
+    attn_logits: Any,
+    return_inputs: bool,
+) -> ForwardOutput:
+    fn = functools.partial(forward, config=config, return_inputs=return_inputs)
+    return jax.vmap(lambda t, qk, lg: fn(params, t, qk_inputs=qk, attn_logits=lg))(tokens, qk_inputs, attn_logits)
+
+
 def forward_batch(
     params: Params,
     tokens: Integer[ArrayLike, "B T"],
     config: ModelConfig,
     *,
-    qk_inputs: tuple[Float[ArrayLike, "B L T D"], Float[ArrayLike, "B L T D"]] | None = None,
-    attn_logits: Float[ArrayLike, "B L H T T"] | None = None,
-    return_inputs: bool = False,
-) -> ForwardOutput:
-    """:func:`forward` vmapped over a batch.
+    qk_inputs: Any = None,
+    attn_logits: Any = None,
+    return_inputs: Any = False,
+) -> Any:
+    """:func:`forward` vmapped over a batch, jitted (compiled once per shape and config).
+
+    Concrete ``tokens`` are checked first (:func:`check_token_ids`); traced ones are clipped.
+    The keyword arguments and the result are typed ``Any`` as they were when this function was
+    the bare ``jax.jit`` wrapper (callers pass the hooks as ``**kwargs``); the shapes are below.
 
     Args:
         params: shared parameters.
@@ -370,9 +418,12 @@ def forward_batch(
 
     Returns:
         :class:`ForwardOutput` with a leading batch axis: logits [B, T, V], attn [B, L, H, T, T].
+
+    Raises:
+        JaxattnError: a concrete token id outside ``[0, V)``.
     """
-    fn = functools.partial(forward, config=config, return_inputs=return_inputs)
-    return jax.vmap(lambda t, qk, lg: fn(params, t, qk_inputs=qk, attn_logits=lg))(tokens, qk_inputs, attn_logits)
+    check_token_ids(tokens, int(params["embed"].shape[0]))
+    return _forward_batch_jit(params, tokens, config, qk_inputs, attn_logits, return_inputs)
 
 
 class FrozenWeight(nnx.Variable):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -414,7 +415,10 @@ def evaluate(
     Returns:
         One dict per (layer, head) with ``option, layer, head, n, s, kl, cosine,
         argmax_match, argmax_match_tied, entropy, num_queries, num_dropped`` and, for each
-        metric, ``_std``, ``_min`` and ``_max`` over sequences.
+        metric, ``_std``, ``_min`` and ``_max`` over sequences. A head with no valid query
+        (``num_queries`` 0: every sequence is shorter than its n, or no query n-gram was
+        observed) has None (JSON null) for every metric, never a 0 that reads as a perfect KL;
+        one warning then says how many heads and why.
     """
     m = layer_head_metrics(jnp.asarray(expected), jnp.asarray(mask), jnp.asarray(pair_index), jnp.asarray(attn))
     pooled = pool(jax.device_get(m), axis=2)
@@ -424,15 +428,34 @@ def evaluate(
         for h in range(config.num_heads):
             n, s = config.layout(l, h)
             rec: dict[str, Any] = {"option": option, "layer": l, "head": h, "n": n, "s": s}
+            nq = int(pooled["num_queries"][l, h])
             for k in METRIC_NAMES:
-                rec[k] = float(pooled[k][l, h])
-            rec["num_queries"] = int(pooled["num_queries"][l, h])
-            rec["num_dropped"] = int(B * max(T - n + 1, 0) - rec["num_queries"])
+                rec[k] = float(pooled[k][l, h]) if nq else None
+            rec["num_queries"] = nq
+            rec["num_dropped"] = int(B * max(T - n + 1, 0) - nq)
             for k in METRIC_NAMES:
                 for suffix in ("std", "min", "max"):
-                    rec[f"{k}_{suffix}"] = float(pooled[f"{k}_{suffix}"][l, h])
+                    rec[f"{k}_{suffix}"] = float(pooled[f"{k}_{suffix}"][l, h]) if nq else None
             records.append(rec)
+    _warn_empty_heads(records, T, option)
     return records
+
+
+def _warn_empty_heads(records: list[dict[str, Any]], T: int, option: str) -> None:
+    """One warning naming how many heads had no valid query, and why (T < n, or unobserved n-grams)."""
+    empty = [r for r in records if r["num_queries"] == 0]
+    if not empty:
+        return
+    short = sorted({r["n"] for r in empty if T < r["n"]})
+    why = [f"seq_len {T} < n = {', '.join(map(str, short))}"] if short else []
+    if any(T >= r["n"] for r in empty):
+        why.append("no query n-gram observed in the count tables")
+    layers = sorted({r["layer"] for r in empty})
+    warnings.warn(
+        f"{option}: {len(empty)} of {len(records)} heads (layers {', '.join(map(str, layers))}) have no valid "
+        f"query ({'; '.join(why)}); their metrics are null (n/a), not 0",
+        stacklevel=3,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,7 +530,15 @@ def analyze(
 
 
 def layer_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Means over heads per (option, layer)."""
+    """Means over heads per (option, layer); heads without queries (None metrics) are left out.
+
+    Args:
+        records: :func:`evaluate` records.
+
+    Returns:
+        One row per (option, layer) with ``option, layer, n`` and, per metric, the mean, ``_min``
+        and ``_max`` over the layer's heads that had queries (None where none had).
+    """
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["option"], r["layer"]), []).append(r)
@@ -515,9 +546,10 @@ def layer_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (opt, layer), rs in groups.items():
         row: dict[str, Any] = {"option": opt, "layer": layer, "n": rs[0]["n"]}
         for k in METRIC_NAMES:
-            vals = np.array([r[k] for r in rs])
-            row[k] = float(vals.mean())
-            row[f"{k}_min"] = float(vals.min())
-            row[f"{k}_max"] = float(vals.max())
+            vals = np.array([r[k] for r in rs if r[k] is not None], np.float64)
+            has = vals.size > 0
+            row[k] = float(vals.mean()) if has else None
+            row[f"{k}_min"] = float(vals.min()) if has else None
+            row[f"{k}_max"] = float(vals.max()) if has else None
         out.append(row)
     return out

@@ -1,8 +1,10 @@
 """Progress bars for long steps (tqdm on stderr) and wall-time stage timers.
 
-Bars are switched off for short or quiet runs. A :class:`Timer` is created by an entry point
-(the CLI, an example, a benchmark) and passed down by name as ``timer=``; library functions
-time their stages with :func:`stage`, which does nothing when no timer is given.
+Bars are switched off for short or quiet runs, and when stderr is not a terminal
+(``JAXATTN_PROGRESS=1`` forces them on; see :func:`progress_enabled`). A :class:`Timer` is
+created by an entry point (the CLI, an example, a benchmark) and passed down by name as
+``timer=``; library functions time their stages with :func:`stage`, which does nothing when no
+timer is given.
 """
 
 from __future__ import annotations
@@ -18,8 +20,27 @@ T = TypeVar("T")
 
 
 def progress_enabled(requested: bool = True) -> bool:
-    """True when a bar should be drawn: requested, and not silenced by ``JAXATTN_NO_PROGRESS``."""
-    return bool(requested) and not os.environ.get("JAXATTN_NO_PROGRESS")
+    """True when a bar should be drawn.
+
+    A bar needs all of: ``requested`` (``--no-progress`` turns it off), no ``JAXATTN_NO_PROGRESS``
+    in the environment, and stderr a terminal, so that redirected logs hold no escape codes.
+    ``JAXATTN_PROGRESS=1`` forces bars onto a non-terminal stderr; ``JAXATTN_PROGRESS=0`` turns them off.
+
+    Args:
+        requested: the caller's wish (False wins over everything).
+
+    Returns:
+        Whether to draw.
+    """
+    if not requested or os.environ.get("JAXATTN_NO_PROGRESS"):
+        return False
+    forced = os.environ.get("JAXATTN_PROGRESS", "").strip().lower()
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty is not None and isatty())
 
 
 def progress_iter(items: Iterable[T], *, desc: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("JAXATTN_NO_PROGRESS", "1")
+os.environ.setdefault("JAXATTN_COMPILATION_CACHE", "0")  # tests never write to the user's JAX cache
 
 # Runtime shape/dtype checking of the jaxtyping annotations, in tests only: every call into
 # the package is checked by beartype (see jaxattn/typing.py). Must run before jaxattn is

@@ -117,3 +117,59 @@ def test_derive_params_shapes_and_std(tables):
     for name in ("wq", "wk", "wv", "wo"):
         for layer in range(2):
             assert abs(float(np.asarray(params[name][layer]).std()) - 0.01) < 1e-5
+
+
+def _count_compiles(fn):
+    """Runs ``fn()`` and returns how many XLA compilations it triggered."""
+    import logging
+
+    messages = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            if "Finished XLA compilation" in record.getMessage():
+                messages.append(record.getMessage())
+
+    handler, logger = Handler(), logging.getLogger("jax")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            fn()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return messages
+
+
+def test_table_derivation_compiles_nothing_per_new_shape():
+    """The derivation of a table runs on the host: a table of a new shape compiles no XLA kernel.
+
+    (Before, each new (R, V) shape compiled the SVD, the gathers and every product: about 15
+    compilations per table, 6 s of the default run's 7 s derive stage.)
+    """
+    from jaxattn.derive import assemble_params, derive_table_weights
+
+    tokens, docs, _ = markov_corpus(3, 10, 3000, num_docs=2)
+    embed = jaxattn.base_embeddings(jax.random.PRNGKey(1), 10, 24)
+    key = jax.random.PRNGKey(2)
+    warm = {(1, 0): jaxattn.count_matrix(tokens, 1, 0, 10, doc_ids=docs)}
+    derive_table_weights(warm[(1, 0)], None, embed, 6, key=key)  # the key split compiles once
+    fresh = {s: jaxattn.count_matrix(tokens, 2, s, 10, doc_ids=docs) for s in (0, 1)}  # new row counts
+    assert len({cm.shape for cm in fresh.values()} | {warm[(1, 0)].shape}) >= 2
+    weights = {}
+    compiled = _count_compiles(
+        lambda: weights.update(
+            {(2, s): derive_table_weights(cm, warm[(1, 0)], embed, 6, key=key) for s, cm in fresh.items()}
+        )
+    )
+    assert compiled == []
+    # Same numbers as the formulas on the device (W_Q = E_n^T U sqrt(S) with the sign convention).
+    cm = fresh[0]
+    e_n = np.asarray(jaxattn.ngram_embeddings(embed, cm.contexts, warm[(1, 0)]))
+    U, S, _ = np_svd_signed(np.asarray(jaxattn.counts.manifold_matrix(cm), np.float64), 6)
+    np.testing.assert_allclose(np.asarray(weights[(2, 0)].wq), e_n.T @ (U * np.sqrt(S)), rtol=2e-4, atol=2e-5)
+    cfg = jaxattn.ModelConfig(vocab_size=10, d_model=24, d_head=6, num_layers=1, num_heads=2, max_n=2, max_s=1)
+    params = assemble_params({(1, s): weights[(2, s)] for s in (0, 1)}, embed, cfg, key=key)
+    assert all(isinstance(params[k], jax.Array) and params[k].dtype == np.float32 for k in ("wq", "wk", "wv", "wo"))

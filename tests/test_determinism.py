@@ -225,10 +225,12 @@ def test_metrics_json_records_versions_device_config_corpus_hash_and_stage_times
 
 
 def test_hostile_files_in_a_directory_are_handled_and_said_in_one_line(runs, corpus_dir):
-    # Not UTF-8: replaced and one warning line; empty and binary files: skipped silently.
+    # A file not named *.txt: skipped and said; not UTF-8: replaced and one warning line;
+    # empty and binary files: skipped silently.
     assert runs["stderr"].splitlines() == [
+        f"jaxattn: warning: {corpus_dir}: 1 file(s) not named *.txt or *.text skipped: d_image.png",
         f"jaxattn: warning: 1 file(s) in {corpus_dir} are not valid UTF-8 (first: b_latin1.txt); "
-        "undecodable bytes were replaced by U+FFFD"
+        "undecodable bytes were replaced by U+FFFD",
     ]
     with pytest.warns(UserWarning, match="not valid UTF-8"):
         texts = {d.name: d.text for d in read_documents(corpus_dir, progress=False)}

@@ -104,3 +104,19 @@ def test_presets_and_layout():
     assert cfg.pairs == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     with pytest.raises(jaxattn.JaxattnError, match="unknown preset 'huge'"):
         jaxattn.preset("huge", 84)
+
+
+@pytest.mark.parametrize("bad", [10 + 50, -1])
+def test_out_of_range_token_ids_are_refused_and_clipped_under_jit(small_model, bad):
+    cfg, params, tokens = small_model
+    toks = np.array([bad, 1, 2], np.int32)
+    with pytest.raises(jaxattn.JaxattnError, match=rf"token id {bad} is outside \[0, vocab_size=10\)"):
+        forward(params, toks, cfg)
+    with pytest.raises(jaxattn.JaxattnError, match=rf"token id {bad}"):
+        jaxattn.forward_batch(params, toks[None], cfg)
+    with pytest.raises(jaxattn.JaxattnError, match=rf"token id {bad}"):
+        jaxattn.DerivedTransformer(params, cfg)(toks)
+    # Under jit the ids are tracers: documented clipping into [0, V), so -1 reads id 0 and V+50 reads V-1.
+    jitted = np.asarray(jax.jit(lambda t: forward(params, t, cfg).attn)(jnp.asarray(toks)))
+    clipped = np.clip(toks, 0, 9)
+    np.testing.assert_allclose(jitted, np.asarray(forward(params, clipped, cfg).attn), rtol=1e-6, atol=1e-7)

@@ -98,6 +98,18 @@ def sample_sequences(
     return tokens[idx].astype(np.int32)
 
 
+def _checked_ids(tokens: Any, vocab_size: int) -> np.ndarray:
+    """``tokens`` as a numpy int array, refused when an id lies outside ``[0, vocab_size)``."""
+    tokens = np.asarray(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise JaxattnError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise JaxattnError(f"token id {lo if lo < 0 else hi} is outside [0, vocab_size={vocab_size})")
+    return tokens
+
+
 def context_ids(cm: CountMatrix, tokens: Integer[ArrayLike, "*B T"]) -> Int[np.ndarray, "*B T"]:
     """Row of ``cm`` for each query's n-gram ``g_i = tokens[i-n+1 .. i]``.
 
@@ -107,8 +119,11 @@ def context_ids(cm: CountMatrix, tokens: Integer[ArrayLike, "*B T"]) -> Int[np.n
 
     Returns:
         int32 [..., T]; -1 for ``i < n-1`` or an n-gram never observed.
+
+    Raises:
+        JaxattnError: a token id outside ``[0, cm.vocab_size)``, named with V.
     """
-    tokens = np.asarray(tokens)
+    tokens = _checked_ids(tokens, cm.vocab_size)
     n = cm.n
     T = tokens.shape[-1]
     out = np.full(tokens.shape, -1, np.int32)
@@ -132,8 +147,12 @@ def expected_attention(
     Returns:
         expected float32 [..., T, T] (rows normalised over valid keys, zero elsewhere),
         mask bool [..., T, T] (valid query-key pairs).
+
+    Raises:
+        JaxattnError: a token id outside ``[0, cm.vocab_size)``, named with V. (For token ids
+        inside ``jax.jit``, use :func:`jaxattn.alignment.expected_attention_jax`.)
     """
-    tokens = np.asarray(tokens)
+    tokens = _checked_ids(tokens, cm.vocab_size)
     T = tokens.shape[-1]
     g = context_ids(cm, tokens)
     counts = cm.lookup(g[..., :, None], tokens[..., None, :]).astype(np.float64)
@@ -186,6 +205,17 @@ def _first_argmax(v_keep: jax.Array) -> tuple[jax.Array, jax.Array]:
     return v_max, arg
 
 
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` for ``x >= 0`` with a finite gradient at 0 (the double-``where`` pattern).
+
+    ``d sqrt(x)/dx`` is infinite at 0, and ``0 * inf`` is NaN however the result is masked
+    afterwards, so empty rows (all-zero ``x``) would poison every gradient. The inner ``where``
+    keeps the argument away from 0; the outer one restores the value 0 with a zero gradient.
+    """
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
 def _pair_terms(expected: jax.Array, mask: jax.Array) -> _PairTerms:
     """The expected side of :func:`query_metrics` for one sequence: [T, S] -> :class:`_PairTerms`.
 
@@ -200,11 +230,12 @@ def _pair_terms(expected: jax.Array, mask: jax.Array) -> _PairTerms:
     valid = (e_sum > 0) & (n_keys > 0)
     e = e / jnp.where(e_sum > 0, e_sum, 1.0)[:, None]
     e_max, e_arg = _first_argmax(e + (keep - 1.0))
+    e_sq = jnp.sum(e * e, -1)
     return _PairTerms(
         e=e,
         keep=keep,
         e_log_e=jnp.sum(e * jnp.log(e + KL_EPS), -1),  # e is 0 off the mask, so those terms vanish
-        e_norm=jnp.sqrt(jnp.sum(e * e, -1)),
+        e_norm=_safe_sqrt(e_sq),
         e_max=e_max,
         e_arg=e_arg,
         log_keys=jnp.where(n_keys > 1, jnp.log(jnp.maximum(n_keys, 1.0)), 0.0),
@@ -247,7 +278,7 @@ def _head_terms(pt: _PairTerms, actual: jax.Array, row0: int | None = None) -> d
     ent = jnp.maximum(-(jnp.sum(a * jnp.log(a + tiny), -1) / s - log_s), 0.0)
     entropy = jnp.where(pt.log_keys > 0, ent / jnp.where(pt.log_keys > 0, pt.log_keys, 1.0), 1.0)
     # cos(e, a/s) = cos(e, a): the row sum cancels.
-    denom = pt.e_norm * jnp.sqrt(jnp.sum(a * a, -1))
+    denom = pt.e_norm * _safe_sqrt(jnp.sum(a * a, -1))
     cosine = jnp.clip(jnp.sum(pt.e * a, -1) / jnp.where(denom > 0, denom, 1.0), 0.0, 1.0)
     _, a_arg = _first_argmax(a_keep)
     match = (a_arg == pt.e_arg).astype(jnp.float32)

@@ -1,7 +1,9 @@
 """``jaxattn analyze``: the main job. One option (the seed system by default) on one run.
 
-Outputs in ``--out``: ``metrics.json``, ``expected_vs_actual_attention.png``,
-``heatmap_<metric>.png`` and ``embedding_similarity.png``. ``metrics.json``'s
+Outputs in ``--out``: ``metrics.json`` (written first, before any figure),
+``expected_vs_actual_attention.png``, ``heatmap_<metric>.png``, ``embedding_similarity.png`` and,
+for Option 4, ``training_curves.png``. A figure that fails is reported in one stderr line and
+the exit status is 1; every result file is on disk by then. ``metrics.json``'s
 ``"language_model"`` block and the printed summary give the option's next-token bits per token
 beside its n-gram model's and uniform's.
 """
@@ -9,13 +11,19 @@ beside its n-gram model's and uniform's.
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from jaxattn import options
 from jaxattn.cli.common import (
     add_common_arguments,
     check_model_config,
+    chosen_heads,
     load_and_prepare,
     option_knobs,
     plot_run_attention,
@@ -36,7 +44,17 @@ from jaxattn.output.documents import language_model_block
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary
 from jaxattn.progress import Timer
 
-__all__ = ["add_parser", "cmd_analyze", "save_artefacts", "write_outputs"]
+__all__ = [
+    "EMBEDDING_LABELS",
+    "add_parser",
+    "cmd_analyze",
+    "embedding_stats",
+    "figure_jobs",
+    "returning",
+    "finish_figures",
+    "save_artefacts",
+    "write_outputs",
+]
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -61,6 +79,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     run = run_config_from_args(args)
     progress = not args.no_progress
     check_model_config(run)
+    heads = chosen_heads(args, run)
     timer = Timer()
     prep, artefacts = load_and_prepare(args, run, timer=timer, progress=progress)
     if args.save:
@@ -70,8 +89,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.save:
         with timer.stage("save"):
             artefacts["saved"] = save_artefacts(args.save, prep, result, tables=False)
-    write_outputs(out, prep, [result], args=args, timer=timer, extra={"artefacts": artefacts} if artefacts else None)
-    return 0
+    return write_outputs(
+        out, prep, [result], args=args, timer=timer, extra={"artefacts": artefacts} if artefacts else None, heads=heads
+    )
 
 
 def save_artefacts(
@@ -103,29 +123,92 @@ def save_artefacts(
     return {"dir": str(directory), "kinds": kinds}
 
 
-def write_figures(out: Path, prep: Prepared, results: list[AnalysisResult]) -> tuple[list[Path], dict[str, Any]]:
-    """The figures of an ``analyze`` run; returns (paths written, embedding similarity statistics)."""
+#: The title of each option's token-embedding figure (which embedding it shows).
+EMBEDDING_LABELS = {
+    "baseline": "seed's token embeddings E (random unit-Gaussian rows)",
+    "option1": "Option 1 token embeddings (PPMI + SVD)",
+    "option3": "Option 3 token embeddings (GPT-2 wte)",
+    "option4": "Option 4 token embeddings (trained)",
+}
+
+
+def embedding_stats(prep: Prepared, result: AnalysisResult) -> dict[str, Any]:
+    """The off-diagonal cosine statistics of a result's token embeddings (O(V k), within the budget)."""
+    if result.params is None:
+        return {}
+    stats = plots.embedding_similarity_stats(result.params["embed"], max_dense_bytes=prep.run.max_dense_bytes)
+    return {"embedding": EMBEDDING_LABELS.get(result.option, f"{result.option} token embeddings"), **stats}
+
+
+def figure_jobs(
+    out: Path,
+    prep: Prepared,
+    results: list[AnalysisResult],
+    *,
+    emb_stats: dict[str, Any],
+    heads: list[tuple[int, int]] | None = None,
+    scaling: str = "absolute",
+) -> list[tuple[str, Callable[[], Any]]]:
+    """The figures of an ``analyze`` run, as ``(name, draw)`` jobs for :func:`jaxattn.output.plots.render_figures`."""
     main_res = results[0]
     vocab = list(prep.corpus.tokenizer.vocab)
-    files = []
-    p = plot_run_attention(
-        out,
-        prep,
-        main_res,
+    how = "absolute probability" if scaling == "absolute" else "rows scaled to their max"
+    title = (
         f"{main_res.option}: expected (from counts) vs actual attention, first 32 positions of sequence 0; "
-        "key j on x, query i on y; rows scaled to their max; blank = masked.\n"
-        f"Panel metrics: all {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens.",
+        f"key j on x, query i on y; {how}; blank = masked.\n"
+        f"Panel metrics: all {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens."
     )
-    files.append(p)
+    jobs: list[tuple[str, Callable[[], Any]]] = [
+        (
+            "expected_vs_actual_attention.png",
+            lambda: plot_run_attention(out, prep, main_res, title, heads=heads, scaling=scaling),
+        )
+    ]
+    ranges = plots.metric_ranges([r for res in results for r in res.records])
     for res in results:
         prefix = "heatmap" if len(results) == 1 else f"heatmap_{res.option}"
-        files += plots.plot_metric_heatmaps(out, res.records, prefix=prefix)
-    emb_stats: dict[str, Any] = {}
+        draw = functools.partial(plots.plot_metric_heatmaps, out, res.records, prefix=prefix, ranges=ranges)
+        jobs.append((f"{prefix}_*.png", draw))
     if main_res.params is not None:
         p = out / "embedding_similarity.png"
-        emb_stats = plots.plot_embedding_similarity(p, main_res.params["embed"], vocab)
-        files.append(p)
-    return files, emb_stats
+        label = str(emb_stats.get("embedding", "token embeddings"))
+        embed = main_res.params["embed"]
+        draw_emb = functools.partial(plots.plot_embedding_similarity, p, embed, vocab, label=label, stats=emb_stats)
+        jobs.append((p.name, returning(p, draw_emb)))
+    curves = main_res.extra.get("curves") if isinstance(main_res.extra, dict) else None
+    if isinstance(curves, dict) and np.size(curves.get("loss", [])) > 0:
+        p = out / "training_curves.png"
+        title_tc = f"{main_res.option} training"
+        jobs.append((p.name, functools.partial(plots.plot_training_curves, p, curves, title=title_tc)))
+    return jobs
+
+
+def returning(path: Path, draw: Callable[[], Any]) -> Callable[[], Path]:
+    """``draw`` returning ``path`` (for a drawing function that returns something else)."""
+
+    def run() -> Path:
+        draw()
+        return path
+
+    return run
+
+
+def finish_figures(out: Path, jobs: list[tuple[str, Callable[[], Any]]], *, progress: bool) -> tuple[list[Path], int]:
+    """Draws the figures after every result file is written; a failure is one stderr line and status 1.
+
+    Returns:
+        (the figures written, the exit status: 0, or 1 when a figure failed).
+    """
+    files, failures = plots.render_figures(jobs, progress=progress)
+    if not failures:
+        return files, 0
+    msg = "; ".join(failures)
+    print(
+        f"jaxattn: error: {len(failures)} figure(s) failed ({msg}); every result file is written "
+        f"(see {out / 'metrics.json'})",
+        file=sys.stderr,
+    )
+    return files, 1
 
 
 def write_outputs(
@@ -136,8 +219,13 @@ def write_outputs(
     args: argparse.Namespace,
     timer: Timer,
     extra: dict[str, Any] | None = None,
-) -> None:
-    """Prints the tables and writes metrics.json and the figures for one or more options."""
+    heads: list[tuple[int, int]] | None = None,
+) -> int:
+    """Prints the tables, writes metrics.json, then draws the figures (one or more options).
+
+    Returns:
+        The exit status: 0, or 1 when a figure failed (metrics.json is written first either way).
+    """
     records = [r for res in results for r in res.records]
     print(tables.run_header(prep))
     print()
@@ -156,25 +244,35 @@ def write_outputs(
         if text:
             print()
             print(text)
-    with timer.stage("report"):
-        files, emb_stats = write_figures(out, prep, results)
+    with timer.stage("embedding_stats"):
+        emb_stats = embedding_stats(prep, results[0])
     # Each option's own numbers (training curves, costs, ablations): the same field as in compare.
     extras = {res.option: jsonable(res.extra) for res in results if res.extra}
-    doc = metrics_document(
-        records,
-        config={"run": prep.run.to_dict(), "model": prep.config.to_dict(), "cli_args": vars(args)},
-        corpus=prep.corpus.info(),
-        eval_corpus=prep.eval_corpus.info(),
-        timings=timer.seconds,
-        language_model=jsonable(lm_block),
-        extra={
-            "embedding_similarity": emb_stats,
-            "layer_summary": layer_rows,
-            **({"option_extras": extras} if extras else {}),
-            **(extra or {}),
-        },
+
+    def document() -> dict[str, Any]:
+        return metrics_document(
+            records,
+            config={"run": prep.run.to_dict(), "model": prep.config.to_dict(), "cli_args": vars(args)},
+            corpus=prep.corpus.info(),
+            eval_corpus=prep.eval_corpus.info(),
+            timings=timer.seconds,
+            language_model=jsonable(lm_block),
+            extra={
+                "embedding_similarity": emb_stats,
+                "layer_summary": layer_rows,
+                **({"option_extras": extras} if extras else {}),
+                **(extra or {}),
+            },
+        )
+
+    write_json(out / "metrics.json", document())  # the results first: a figure that fails loses nothing
+    jobs = figure_jobs(
+        out, prep, results, emb_stats=emb_stats, heads=heads, scaling=getattr(args, "attention_scaling", "absolute")
     )
-    write_json(out / "metrics.json", doc)
+    with timer.stage("report"):
+        files, status = finish_figures(out, jobs, progress=not getattr(args, "no_progress", False))
+    write_json(out / "metrics.json", document())  # again, with the report's time
     files.append(out / "metrics.json")
     print()
     print("wrote: " + ", ".join(str(f) for f in files))
+    return status

@@ -7,11 +7,14 @@ for argument errors; :func:`jaxattn.cli.main` for library errors).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jaxattn.corpus import directory_glob
+from jaxattn.errors import JaxattnError
 from jaxattn.model import preset
 from jaxattn.options import GPT2Config
 from jaxattn.output import load_tables, plots
@@ -21,8 +24,13 @@ from jaxattn.progress import Timer
 __all__ = [
     "Parser",
     "add_common_arguments",
+    "add_figure_arguments",
     "byte_count",
     "check_model_config",
+    "compilation_cache_dir",
+    "enable_compilation_cache",
+    "corpus_paths",
+    "chosen_heads",
     "load_and_prepare",
     "non_negative_int",
     "option_knobs",
@@ -34,10 +42,73 @@ __all__ = [
 
 
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line on stderr and exit status 2."""
+    """ArgumentParser whose errors are one line on stderr and exit status 2.
+
+    The line names the help of the (sub)command that was given: ``(see `jaxattn analyze --help`)``
+    for ``jaxattn analyze --bogus``, ``(see `jaxattn --help`)`` at the top level.
+    """
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"jaxattn: error: {message} (see `jaxattn {self.prog.split()[-1]} --help`)\n")
+        self.exit(2, f"jaxattn: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse's, but unrecognised arguments are reported by the subcommand they follow."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(ns, "command", None)
+            sub = next(
+                (a.choices.get(str(command)) for a in self._actions if isinstance(a, argparse._SubParsersAction)), None
+            )
+            (sub if isinstance(sub, argparse.ArgumentParser) else self).error(
+                f"unrecognized arguments: {' '.join(extras)}"
+            )
+        return ns
+
+
+#: Compilations that took at least this long (seconds) are kept in the persistent cache.
+CACHE_MIN_COMPILE_SECONDS = 0.05
+
+
+def compilation_cache_dir() -> str | None:
+    """Where the CLI keeps JAX's persistent compilation cache, or None when it is off.
+
+    ``JAXATTN_COMPILATION_CACHE=0`` (or ``off``, ``no``, ``false``) turns it off; any other value
+    is the directory. By default ``$XDG_CACHE_HOME/jaxattn/jax`` (``~/.cache/jaxattn/jax``). A run
+    then compiles each forward, metric and random-draw kernel once per machine, not once per run.
+    """
+    raw = os.environ.get("JAXATTN_COMPILATION_CACHE")
+    if raw is not None and raw.strip().lower() in ("", "0", "off", "no", "false"):
+        return None
+    if raw:
+        return os.path.expanduser(raw)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxattn", "jax")
+
+
+def enable_compilation_cache() -> str | None:
+    """Points JAX's persistent compilation cache at :func:`compilation_cache_dir` (the CLI's entry calls it).
+
+    Leaves a directory the user set (``JAX_COMPILATION_CACHE_DIR``) alone. An unusable
+    directory only turns the cache off.
+
+    Returns:
+        The cache directory in use, or None.
+    """
+    import jax
+
+    current = getattr(jax.config, "jax_compilation_cache_dir", None)
+    if current:
+        return str(current)
+    path = compilation_cache_dir()
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    return path
 
 
 def _int_at_least(low: int) -> Callable[[str], Callable[[str], int]]:
@@ -75,28 +146,74 @@ def byte_count(text: str) -> int:
     return int(v)
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The preset and its shape overrides."""
+    p.add_argument("--preset", default="seed", help="model preset: seed or small (default: seed)")
+    p.add_argument(
+        "--d-model", type=positive_int("--d-model"), default=None, help="residual width D (preset: seed 768, small 384)"
+    )
+    p.add_argument(
+        "--d-head",
+        type=positive_int("--d-head"),
+        default=None,
+        help="per-head width K = the SVD rank of each derived head (preset: seed 64, small 32)",
+    )
+    p.add_argument(
+        "--layers",
+        type=positive_int("--layers"),
+        default=None,
+        help="layout layers L; layer l uses context length n = min(l + 1, --max-n) (preset: seed 12, small 4)",
+    )
+    p.add_argument(
+        "--heads",
+        type=positive_int("--heads"),
+        default=None,
+        help="heads per layer H; head h uses skip s = min(h, --max-s) (preset: 12)",
+    )
+    p.add_argument(
+        "--max-n",
+        type=positive_int("--max-n"),
+        default=None,
+        help="longest context n of the layout, the n of C^{n,s} (preset: 2)",
+    )
+    p.add_argument(
+        "--max-s",
+        type=non_negative_int("--max-s"),
+        default=None,
+        help="largest skip s of the layout, the s of C^{n,s} (preset: 3)",
+    )
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The corpus, model, evaluation and output flags that ``analyze`` and ``compare`` share."""
-    p.add_argument("--corpus", default=None, help="text file, directory or glob (default: Python stdlib docstrings)")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="text file, directory or glob (default: Python stdlib docstrings). A directory contributes its "
+        "*.txt and *.text files, recursively (the others are skipped, with one warning naming them); "
+        "a file or glob given explicitly is read whatever its extension",
+    )
+    p.add_argument(
+        "--glob",
+        default=None,
+        metavar="PATTERN",
+        help="read the files of a directory --corpus / --eval-corpus whose base name matches PATTERN "
+        "(e.g. '*.md'), recursively, instead of its *.txt and *.text files",
+    )
     p.add_argument(
         "--eval-corpus", default=None, help="text scored for alignment (default: a held-out split of --corpus)"
     )
     p.add_argument(
         "--heldout", default=None, help="held-out split when no --eval-corpus: a document name or a fraction"
     )
-    p.add_argument("--tokenizer", choices=("char", "word"), default="char")
+    p.add_argument(
+        "--tokenizer",
+        choices=("char", "word"),
+        default="char",
+        help="char: one token per character; word: words and punctuation (see --max-vocab) (default: char)",
+    )
     p.add_argument("--max-vocab", type=positive_int("--max-vocab"), default=None, help="word level: top-k plus <unk>")
-    p.add_argument("--preset", default="seed", help="model preset: seed or small (default: seed)")
-    p.add_argument("--d-model", type=positive_int("--d-model"), default=None)
-    p.add_argument("--d-head", type=positive_int("--d-head"), default=None)
-    p.add_argument("--layers", type=positive_int("--layers"), default=None)
-    p.add_argument("--heads", type=positive_int("--heads"), default=None)
-    p.add_argument(
-        "--max-n", type=positive_int("--max-n"), default=None, help="longest context of the layout (preset: 2)"
-    )
-    p.add_argument(
-        "--max-s", type=non_negative_int("--max-s"), default=None, help="largest skip of the layout (preset: 3)"
-    )
+    _add_model_arguments(p)
     g = p.add_argument_group("Option 3 (a standard GPT-2 derived from the counts)")
     g.add_argument(
         "--prep-blocks",
@@ -121,7 +238,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-seqs", type=positive_int("--num-seqs"), default=32, help="number of evaluation sequences B (default 32)"
     )
-    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=16)
+    p.add_argument(
+        "--batch-size",
+        type=positive_int("--batch-size"),
+        default=16,
+        help="evaluation sequences per forward call; bounds memory, not the results (default 16)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every PRNG key (default 0)")
     p.add_argument(
         "--max-dense-bytes",
@@ -131,6 +253,26 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--load", default=None, help="reuse count tables saved in this directory instead of counting")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_figure_arguments(p)
+
+
+def add_figure_arguments(p: argparse.ArgumentParser) -> None:
+    """The figure flags (``--plot-heads``, ``--attention-scaling``) of ``analyze`` and ``compare``."""
+    f = p.add_argument_group("figures")
+    f.add_argument(
+        "--plot-heads",
+        default=None,
+        metavar="L:H,...",
+        help="heads drawn in expected_vs_actual_attention.png, as layer:head pairs, e.g. 0:1,3:2 (default: the "
+        "first, second, middle and last layers x the heads with distinct skips)",
+    )
+    f.add_argument(
+        "--attention-scaling",
+        choices=("absolute", "row"),
+        default="absolute",
+        help="colours of expected_vs_actual_attention.png: absolute probability with a colour bar (default), "
+        "or each query row scaled to its own maximum",
+    )
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -184,6 +326,23 @@ def check_model_config(run: RunConfig) -> None:
     preset(run.preset, 2, **dict(run.model_overrides))
 
 
+def corpus_paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """``(--corpus, --eval-corpus)`` with ``--glob PATTERN`` applied to each one that is a directory.
+
+    Raises:
+        JaxattnError: ``--glob`` with neither path a directory.
+    """
+    paths = (getattr(args, "corpus", None), getattr(args, "eval_corpus", None))
+    pattern = getattr(args, "glob", None)
+    if pattern is None:
+        return paths
+    dirs = [p is not None and os.path.isdir(os.path.expanduser(p)) for p in paths]
+    if not any(dirs):
+        raise JaxattnError(f"--glob {pattern!r} needs a directory --corpus or --eval-corpus")
+    corpus, eval_corpus = (directory_glob(p, pattern) if d and p is not None else p for p, d in zip(paths, dirs))
+    return corpus, eval_corpus
+
+
 def load_and_prepare(
     args: argparse.Namespace, run: RunConfig, *, timer: Timer, progress: bool
 ) -> tuple[Prepared, dict[str, Any]]:
@@ -202,7 +361,7 @@ def load_and_prepare(
         (the prepared run, artefact provenance: ``{"loaded_tables_from": DIR}`` or ``{}``).
     """
     with timer.stage("load"):
-        corpus, eval_corpus = load_split(args.corpus, args.eval_corpus, run, progress=progress)
+        corpus, eval_corpus = load_split(*corpus_paths(args), run, progress=progress)
     tables = None
     artefacts: dict[str, Any] = {}
     if getattr(args, "load", None):
@@ -213,7 +372,24 @@ def load_and_prepare(
     return prep, artefacts
 
 
-def plot_run_attention(out: Path, prep: Prepared, result: AnalysisResult, title: str) -> Path:
+def chosen_heads(args: argparse.Namespace, run: RunConfig) -> list[tuple[int, int]] | None:
+    """The ``--plot-heads`` pairs, checked against the model's layers and heads (None: the default set)."""
+    text = getattr(args, "plot_heads", None)
+    if text is None:
+        return None
+    config = preset(run.preset, 2, **dict(run.model_overrides))
+    return plots.parse_heads(text, config.num_layers, config.num_heads)
+
+
+def plot_run_attention(
+    out: Path,
+    prep: Prepared,
+    result: AnalysisResult,
+    title: str,
+    *,
+    heads: list[tuple[int, int]] | None = None,
+    scaling: str = "absolute",
+) -> Path:
     """The seed's expected-vs-actual figure of one result on the run's sequence 0; returns its path."""
     vocab = list(prep.corpus.tokenizer.vocab)
     path = out / "expected_vs_actual_attention.png"
@@ -226,6 +402,8 @@ def plot_run_attention(out: Path, prep: Prepared, result: AnalysisResult, title:
         result.records,
         tokens=[vocab[t] for t in prep.tokens[0]],
         title=title,
+        heads=heads,
+        scaling=scaling,
     )
     return path
 

@@ -12,15 +12,23 @@ Outputs in ``--out``:
     options_comparison.png  per-layer cosine and tied argmax match of every option.
     ablation.json / .png    the Option 3 ablation table.
     diagnostics.json / .png the root-cause diagnostics and the verdicts on the seed's claims.
-    heatmap_<option>_<metric>.png, expected_vs_actual_attention.png (best option),
-    embedding_similarity.png (the baseline's E).
+    heatmap_<option>_<metric>.png (one colour range per metric across options; hatched cells
+    repeat an earlier head's (n, s) table), expected_vs_actual_attention.png (Option 3, or the
+    best ranked option: never the ceiling), embedding_similarity.png (the baseline's E).
+
+``best_option`` ranks the options by mean tied argmax match, then cosine, without the ceilings
+(:attr:`jaxattn.options.OptionSpec.ceiling`: Option 2 reads the count tables, so it matches the
+expected attention by construction); the ceiling is printed beside them as the ceiling. Every
+JSON file is written before the first figure; a figure that fails is one stderr line and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +36,11 @@ import numpy as np
 
 from jaxattn import diagnostics, options
 from jaxattn.alignment import METRIC_NAMES
+from jaxattn.cli.analyze import embedding_stats, finish_figures, returning
 from jaxattn.cli.common import (
     add_common_arguments,
     check_model_config,
+    chosen_heads,
     load_and_prepare,
     option_knobs,
     plot_run_attention,
@@ -38,11 +48,21 @@ from jaxattn.cli.common import (
 )
 from jaxattn.errors import JaxattnError
 from jaxattn.output import ensure_out_dir, jsonable, metrics_document, plots, tables, write_json
+from jaxattn.output.attention_plots import format_value
 from jaxattn.output.documents import language_model_block
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary, run_baseline
 from jaxattn.progress import Timer, progress_iter
 
-__all__ = ["CompareOutcome", "add_parser", "best_option", "cmd_compare", "option_summary", "run_all"]
+__all__ = [
+    "CompareOutcome",
+    "add_parser",
+    "attention_result",
+    "best_option",
+    "ceiling_labels",
+    "cmd_compare",
+    "option_summary",
+    "run_all",
+]
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -61,7 +81,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def option_summary(records: list[dict[str, Any]], num_layers: int, seconds: float | None = None) -> dict[str, Any]:
-    """Overall, layer-0 and deeper-layer means of one option's records (means over heads)."""
+    """Overall, layer-0 and deeper-layer means of one option's records (means over heads with queries)."""
     out: dict[str, Any] = {"option": records[0]["option"] if records else "?"}
     groups = {"all": lambda l: True, "layer0": lambda l: l == 0, "deeper": lambda l: l > 0}
     for gname, keep in groups.items():
@@ -69,16 +89,49 @@ def option_summary(records: list[dict[str, Any]], num_layers: int, seconds: floa
         if not sel:
             continue
         for m in METRIC_NAMES:
-            out[f"{m}_{gname}" if gname != "all" else m] = float(np.mean([r[m] for r in sel]))
+            vals = [float(r[m]) for r in sel if r.get(m) is not None and np.isfinite(r[m])]
+            out[f"{m}_{gname}" if gname != "all" else m] = float(np.mean(vals)) if vals else None  # None: no queries
     out["num_layers"] = num_layers
     if seconds is not None:
         out["seconds"] = float(seconds)
     return out
 
 
-def best_option(summaries: list[dict[str, Any]]) -> str:
-    """The option with the highest mean tied argmax match (ties broken by cosine)."""
-    return max(summaries, key=lambda s: (s["argmax_match_tied"], s["cosine"]))["option"]
+def ceiling_labels() -> set[str]:
+    """The labels of the registered ceilings (:attr:`jaxattn.options.OptionSpec.ceiling`, e.g. "option2")."""
+    return {spec.label for spec in options.REGISTRY.values() if spec.ceiling}
+
+
+def _rank_key(s: dict[str, Any]) -> tuple[float, float]:
+    vals = [s.get("argmax_match_tied"), s.get("cosine")]
+    return tuple(float(v) if v is not None and np.isfinite(v) else -np.inf for v in vals)  # type: ignore[return-value]
+
+
+def best_option(summaries: list[dict[str, Any]], *, exclude: set[str] | None = None) -> str | None:
+    """The option with the highest mean tied argmax match (ties broken by cosine), ceilings excluded.
+
+    Args:
+        summaries: :func:`option_summary` rows.
+        exclude: labels not ranked (default: :func:`ceiling_labels`; Option 2 scores KL 0 by construction).
+
+    Returns:
+        The best label, or None when every option is excluded.
+    """
+    skip = ceiling_labels() if exclude is None else exclude
+    ranked = [s for s in summaries if s["option"] not in skip]
+    return max(ranked, key=_rank_key)["option"] if ranked else None
+
+
+def attention_result(results: list[AnalysisResult], best: str | None) -> AnalysisResult | None:
+    """The result drawn in ``expected_vs_actual_attention.png``: a real derivation, never a ceiling.
+
+    Option 3 when it ran, else the best ranked option, else the first non-ceiling one (None: only ceilings ran).
+    """
+    by = {r.option: r for r in results if r.option not in ceiling_labels()}
+    for label in ("option3", best):
+        if label in by:
+            return by[label]
+    return next(iter(by.values()), None)
 
 
 def run_all(
@@ -164,6 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     # Validate the model config and the output directory before any slow step.
     check_model_config(run)
+    heads = chosen_heads(args, run)
     out = ensure_out_dir(args.out)
     timer = Timer()
     prep, _ = load_and_prepare(args, run, timer=timer, progress=progress)
@@ -187,8 +241,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         diag = diagnostics.diagnose(prep, base.params, base.attn, progress=progress, timer=timer)
         verdict_rows = diagnostics.verdicts(diag)
     outcome = CompareOutcome(results, base, ablation_rows, diag, verdict_rows, seconds, selected, train_steps)
-    write_compare_outputs(out, prep, outcome, timer=timer)
-    return 0
+    _, status = write_compare_outputs(
+        out,
+        prep,
+        outcome,
+        timer=timer,
+        heads=heads,
+        scaling=getattr(args, "attention_scaling", "absolute"),
+        progress=progress,
+    )
+    return status
 
 
 def print_comparison(
@@ -220,47 +282,79 @@ def print_comparison(
             print(f"{label}: {line}")
 
 
-def write_option_figures(
-    out: Path, prep: Prepared, outcome: CompareOutcome, layer_rows: list[dict[str, Any]], best: str | None
-) -> tuple[list[Path], dict[str, Any]]:
-    """The per-option figures; returns (paths written, the baseline's embedding statistics)."""
-    files: list[Path] = []
+def option_figure_jobs(
+    out: Path,
+    prep: Prepared,
+    outcome: CompareOutcome,
+    layer_rows: list[dict[str, Any]],
+    best: str | None,
+    *,
+    emb_stats: dict[str, Any],
+    heads: list[tuple[int, int]] | None = None,
+    scaling: str = "absolute",
+) -> list[tuple[str, Callable[[], Any]]]:
+    """The per-option figures, as ``(name, draw)`` jobs (:func:`jaxattn.output.plots.render_figures`).
+
+    Heatmaps share one colour range per metric across options; the attention figure shows a real
+    derivation (:func:`attention_result`), never the ceiling.
+    """
+    jobs: list[tuple[str, Callable[[], Any]]] = []
     results = outcome.results
-    vocab = list(prep.corpus.tokenizer.vocab)
     if results:
         p = out / "options_comparison.png"
-        plots.plot_options_comparison(p, layer_rows, [res.option for res in results])
-        files.append(p)
+        labels = [res.option for res in results]
+        jobs.append((p.name, returning(p, functools.partial(plots.plot_options_comparison, p, layer_rows, labels))))
+        ranges = plots.metric_ranges([r for res in results for r in res.records])
         for res in results:
-            files += plots.plot_metric_heatmaps(out, res.records, prefix=f"heatmap_{res.option}")
-        best_res = next(r for r in results if r.option == best)
-        p = plot_run_attention(
-            out,
-            prep,
-            best_res,
-            f"best option ({best}): expected (from counts) vs actual attention, sequence 0; key j on x, "
-            "query i on y; blank = masked",
-        )
-        files.append(p)
-    emb_stats: dict[str, Any] = {}
+            prefix = f"heatmap_{res.option}"
+            draw = functools.partial(plots.plot_metric_heatmaps, out, res.records, prefix=prefix, ranges=ranges)
+            jobs.append((f"{prefix}_*.png", draw))
+        shown = attention_result(results, best)
+        if shown is not None:
+            how = "absolute probability" if scaling == "absolute" else "rows scaled to their max"
+            title = (
+                f"{shown.option} (a derivation, not the ceiling): expected (from counts) vs actual attention, "
+                f"sequence 0; key j on x, query i on y; {how}; blank = masked"
+            )
+            jobs.append(
+                (
+                    "expected_vs_actual_attention.png",
+                    lambda: plot_run_attention(out, prep, shown, title, heads=heads, scaling=scaling),
+                )
+            )
     if outcome.base is not None and outcome.base.params is not None:
         p = out / "embedding_similarity.png"
-        emb_stats = plots.plot_embedding_similarity(p, outcome.base.params["embed"], vocab)
-        files.append(p)
-    return files, emb_stats
+        embed, vocab = outcome.base.params["embed"], list(prep.corpus.tokenizer.vocab)
+        label = str(emb_stats.get("embedding", "token embeddings"))
+        jobs.append(
+            (
+                p.name,
+                returning(
+                    p, functools.partial(plots.plot_embedding_similarity, p, embed, vocab, label=label, stats=emb_stats)
+                ),
+            )
+        )
+    return jobs
 
 
-def write_ablation_and_diagnostics(out: Path, outcome: CompareOutcome, num_layers: int) -> list[Path]:
-    """Prints and writes the ablation table and the diagnostics with their verdicts, when computed."""
+def write_ablation_and_diagnostics(
+    out: Path, outcome: CompareOutcome, num_layers: int
+) -> tuple[list[Path], list[tuple[str, Callable[[], Any]]]]:
+    """Prints and writes the ablation table and the diagnostics with their verdicts, when computed.
+
+    Returns:
+        (the JSON files written, the figure jobs still to draw).
+    """
     files: list[Path] = []
+    jobs: list[tuple[str, Callable[[], Any]]] = []
     if outcome.ablation_rows is not None:
         print()
         print("Option 3 ablation (each row adds one ingredient to the row above):")
         print(options.format_ablation(outcome.ablation_rows))
         write_json(out / "ablation.json", {"rows": jsonable(outcome.ablation_rows), "num_layers": num_layers})
-        p = out / "ablation.png"
-        plots.plot_ablation(p, outcome.ablation_rows)
-        files += [out / "ablation.json", p]
+        files.append(out / "ablation.json")
+        p_abl, ab_rows = out / "ablation.png", outcome.ablation_rows
+        jobs.append((p_abl.name, returning(p_abl, functools.partial(plots.plot_ablation, p_abl, ab_rows))))
     if outcome.diag is not None:
         rows = diagnostics.summary_rows(outcome.diag)
         print()
@@ -271,14 +365,45 @@ def write_ablation_and_diagnostics(out: Path, outcome: CompareOutcome, num_layer
         print(tables.format_verdicts(outcome.verdict_rows or []))
         doc = {"diagnostics": outcome.diag, "verdicts": outcome.verdict_rows, "layers": rows}
         write_json(out / "diagnostics.json", doc)
-        p = out / "diagnostics.png"
-        plots.plot_diagnostics(p, rows, outcome.diag)
-        files += [out / "diagnostics.json", p]
-    return files
+        files.append(out / "diagnostics.json")
+        p_diag, diag = out / "diagnostics.png", outcome.diag
+        jobs.append((p_diag.name, returning(p_diag, functools.partial(plots.plot_diagnostics, p_diag, rows, diag))))
+    return files, jobs
 
 
-def write_compare_outputs(out: Path, prep: Prepared, outcome: CompareOutcome, *, timer: Timer) -> list[Path]:
-    """Prints the comparison and writes every file (atomically). Returns the paths written."""
+def format_ceilings(summaries: list[dict[str, Any]]) -> str:
+    """One line per ceiling option: its scores, printed beside (not among) the ranked options."""
+    lines = []
+    for s in summaries:
+        if s["option"] in ceiling_labels():
+            tied, cos, kl = (
+                format_value(s.get(m), f) for m, f in (("argmax_match_tied", ".3f"), ("cosine", ".3f"), ("kl", ".3f"))
+            )
+            lines.append(
+                f"ceiling (not ranked: reads the count tables, so it matches the expectation by construction): "
+                f"{s['option']}  tied {tied}  cos {cos}  KL {kl}"
+            )
+    return "\n".join(lines)
+
+
+def write_compare_outputs(
+    out: Path,
+    prep: Prepared,
+    outcome: CompareOutcome,
+    *,
+    timer: Timer,
+    heads: list[tuple[int, int]] | None = None,
+    scaling: str = "absolute",
+    progress: bool = False,
+) -> tuple[list[Path], int]:
+    """Prints the comparison, writes every result file (atomically), then draws the figures.
+
+    Every JSON file is on disk before the first figure; a figure that fails is reported in one
+    stderr line (see :func:`jaxattn.cli.analyze.finish_figures`).
+
+    Returns:
+        (the paths written, the exit status: 0, or 1 when a figure failed).
+    """
     L = prep.config.num_layers
     results, seconds = outcome.results, outcome.seconds
     records = [r for res in results for r in res.records]
@@ -288,35 +413,48 @@ def write_compare_outputs(out: Path, prep: Prepared, outcome: CompareOutcome, *,
     lm_block = language_model_block(results)
     print_comparison(prep, summaries, layer_rows, extras, lm_block)
     best = best_option(summaries) if summaries else None
+    files, late_jobs = write_ablation_and_diagnostics(out, outcome, L)
+    with timer.stage("embedding_stats"):
+        emb_stats = embedding_stats(prep, outcome.base) if outcome.base is not None else {}
+    ceilings = sorted(ceiling_labels() & {s["option"] for s in summaries})
+
+    def document() -> dict[str, Any]:
+        return metrics_document(
+            records,
+            config={
+                "run": prep.run.to_dict(),
+                "model": prep.config.to_dict(),
+                "options": outcome.selected or [res.option for res in results],
+                "train_steps": outcome.train_steps,
+            },
+            corpus=prep.corpus.info(),
+            eval_corpus=prep.eval_corpus.info(),
+            timings={**timer.seconds, **{f"option_{k}": v for k, v in seconds.items()}},
+            language_model=jsonable(lm_block),
+            extra={
+                "best_option": best,
+                "best_option_rule": "highest mean tied argmax match, then cosine; ceilings not ranked",
+                "ceilings": ceilings,
+                "options_summary": summaries,
+                "layer_summary": layer_rows,
+                "option_extras": extras,
+                "embedding_similarity": emb_stats,
+                "ablation": jsonable(outcome.ablation_rows),
+                "diagnostics": outcome.diag,
+                "verdicts": outcome.verdict_rows,
+            },
+        )
+
+    write_json(out / "metrics.json", document())  # every result before any figure
+    jobs = option_figure_jobs(out, prep, outcome, layer_rows, best, emb_stats=emb_stats, heads=heads, scaling=scaling)
     with timer.stage("report"):
-        files, emb_stats = write_option_figures(out, prep, outcome, layer_rows, best)
-        files += write_ablation_and_diagnostics(out, outcome, L)
-    doc = metrics_document(
-        records,
-        config={
-            "run": prep.run.to_dict(),
-            "model": prep.config.to_dict(),
-            "options": outcome.selected or [res.option for res in results],
-            "train_steps": outcome.train_steps,
-        },
-        corpus=prep.corpus.info(),
-        eval_corpus=prep.eval_corpus.info(),
-        timings={**timer.seconds, **{f"option_{k}": v for k, v in seconds.items()}},
-        language_model=jsonable(lm_block),
-        extra={
-            "best_option": best,
-            "options_summary": summaries,
-            "layer_summary": layer_rows,
-            "option_extras": extras,
-            "embedding_similarity": emb_stats,
-            "ablation": jsonable(outcome.ablation_rows),
-            "diagnostics": outcome.diag,
-            "verdicts": outcome.verdict_rows,
-        },
-    )
-    write_json(out / "metrics.json", doc)
-    files.append(out / "metrics.json")
+        figs, status = finish_figures(out, jobs + late_jobs, progress=progress)
+    write_json(out / "metrics.json", document())  # again, with the report's time
+    files += [*figs, out / "metrics.json"]
     print()
-    print(f"best option (tied argmax match, then cosine): {best}")
+    print(f"best option (tied argmax match, then cosine; the ceiling not ranked): {best}")
+    ceiling_text = format_ceilings(summaries)
+    if ceiling_text:
+        print(ceiling_text)
     print("wrote: " + ", ".join(str(f) for f in files))
-    return files
+    return files, status

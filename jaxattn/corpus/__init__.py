@@ -27,8 +27,10 @@ from jaxattn.corpus.sources import (
     BINARY_SNIFF_BYTES,
     BUILTIN_SOURCE,
     PROGRESS_MIN_FILES,
+    TEXT_EXTENSIONS,
     Document,
     default_documents,
+    directory_glob,
     read_documents,
 )
 from jaxattn.corpus.tokenizer import (
@@ -48,6 +50,7 @@ __all__ = [
     "DEFAULT_HELDOUT_FRACTION",
     "DEFAULT_WORD_VOCAB",
     "PROGRESS_MIN_FILES",
+    "TEXT_EXTENSIONS",
     "TOKENIZER_KINDS",
     "UNK",
     "Corpus",
@@ -57,6 +60,7 @@ __all__ = [
     "corpus_from_documents",
     "corpus_from_ids",
     "default_documents",
+    "directory_glob",
     "encode_raw",
     "load_corpus",
     "load_corpus_split",

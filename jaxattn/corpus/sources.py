@@ -3,10 +3,16 @@
 Sources (:func:`read_documents`):
 
 * a text file (one document),
-* a directory: every regular, non-hidden text file below it, recursively, in
-  sorted order (one document per file; binary files are skipped),
-* a glob pattern such as ``"data/*_gut.txt"`` or ``"data/**/*.txt"`` (sorted
-  matches; a matching directory contributes its files),
+* a directory: every regular, non-hidden file below it, recursively, whose name
+  ends in one of :data:`TEXT_EXTENSIONS` (``.txt``, ``.text``, any case), in sorted
+  order, one document per file; other files (a ``SOURCE.md``, a ``README``) are
+  skipped and one warning names them. To read other files, pass a glob instead
+  (``"data/**/*.md"``; the CLI's ``--glob PATTERN`` does this for a directory:
+  :func:`directory_glob`),
+* a glob pattern such as ``"data/*_gut.txt"`` or ``"data/**/*.txt"``: every
+  matching file, whatever its extension, sorted (a matching directory
+  contributes its files under the directory rule),
+* an explicit file path: that file, whatever its extension,
 * ``None``: the built-in default corpus, the docstrings of Python's own standard
   library, parsed with :mod:`ast` at run time (:func:`default_documents`).
 
@@ -43,8 +49,10 @@ __all__ = [
     "BINARY_SNIFF_BYTES",
     "BUILTIN_SOURCE",
     "PROGRESS_MIN_FILES",
+    "TEXT_EXTENSIONS",
     "Document",
     "default_documents",
+    "directory_glob",
     "read_documents",
 ]
 
@@ -56,6 +64,9 @@ BINARY_SNIFF_BYTES = 8192
 
 PROGRESS_MIN_FILES = 16
 """Fewer files than this: no progress bar."""
+
+TEXT_EXTENSIONS = (".txt", ".text")
+"""A directory contributes the files whose name ends in one of these (case-insensitive)."""
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
@@ -121,8 +132,11 @@ def _read_file(path: str) -> bytes | None:
         raise JaxattnError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _walk_files(root: str) -> list[str]:
-    """Regular, non-hidden files below ``root`` (symlinked directories are not followed)."""
+def _walk_files(root: str, skipped: list[str]) -> list[str]:
+    """Regular, non-hidden text-named files below ``root`` (symlinked directories are not followed).
+
+    Files without a :data:`TEXT_EXTENSIONS` name are appended to ``skipped`` (relative to ``root``).
+    """
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -130,9 +144,37 @@ def _walk_files(root: str) -> list[str]:
             if fn.startswith("."):
                 continue
             full = os.path.join(dirpath, fn)
-            if os.path.isfile(full):
+            if not os.path.isfile(full):
+                continue
+            if fn.lower().endswith(TEXT_EXTENSIONS):
                 out.append(full)
+            else:
+                skipped.append(_posix_rel(full, root))
     return out
+
+
+def directory_glob(path: str, pattern: str) -> str:
+    """The glob that reads the files of directory ``path`` whose base name matches ``pattern``.
+
+    ``directory_glob("plays", "*.md")`` is ``"plays/**/*.md"``: every matching file
+    below ``plays``, recursively, whatever its extension, named relative to ``plays``
+    (as the directory rule names them).
+
+    Args:
+        path: a directory.
+        pattern: a glob pattern for base names, such as ``"*.md"`` or ``"*_gut.*"``.
+
+    Returns:
+        A glob for :func:`read_documents`.
+
+    Raises:
+        JaxattnError: ``path`` is not a directory, or ``pattern`` is empty or holds a ``/``.
+    """
+    if not pattern or "/" in pattern or os.sep in pattern:
+        raise JaxattnError(f"glob pattern {pattern!r} must be a non-empty base-name pattern such as '*.md'")
+    if not os.path.isdir(os.path.expanduser(path)):
+        raise JaxattnError(f"a glob pattern ({pattern!r}) needs a directory, got {_show(path)}")
+    return os.path.join(path, "**", pattern)
 
 
 def _glob_root(pattern: str) -> str:
@@ -154,17 +196,25 @@ def _posix_rel(path: str, root: str) -> str:
     return os.path.relpath(path, root).replace(os.sep, "/")
 
 
-def _find_files(raw: str) -> tuple[str, list[str], str]:
+def _skipped_note(skipped: list[str]) -> str:
+    shown = ", ".join(skipped[:3]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 3 else "")
+    exts = " or ".join(f"*{e}" for e in TEXT_EXTENSIONS)
+    return f"{len(skipped)} file(s) not named {exts} skipped: {shown}"
+
+
+def _find_files(raw: str, skipped: list[str]) -> tuple[str, list[str], str]:
     """The files a path names: ``(root the names are relative to, files, mode)``.
 
     ``mode`` is ``"dir"``, ``"file"`` or ``"glob"``. Raises for a missing path, an
     empty directory, a glob that matches nothing, or something not a regular file.
+    Files a directory holds but the extension rule leaves out go to ``skipped``.
     """
     p = os.path.expanduser(raw)
     if os.path.isdir(p):
-        root, files, mode = p, _walk_files(p), "dir"
+        root, files, mode = p, _walk_files(p, skipped), "dir"
         if not files:
-            raise JaxattnError(f"no text files in directory: {raw}")
+            more = f" ({_skipped_note(skipped)}; pass a glob such as DIR/**/*.md to read them)" if skipped else ""
+            raise JaxattnError(f"no text files in directory: {raw}{more}")
     elif os.path.exists(p):
         if not os.path.isfile(p):
             raise JaxattnError(f"not a regular file or directory: {raw}")
@@ -174,7 +224,7 @@ def _find_files(raw: str) -> tuple[str, list[str], str]:
         files = []
         for m in glob.glob(p, recursive=True):
             if os.path.isdir(m):
-                files.extend(_walk_files(m))
+                files.extend(_walk_files(m, skipped))
             elif os.path.isfile(m):
                 files.append(m)
         files = list(dict.fromkeys(files))
@@ -226,9 +276,11 @@ def read_documents(path: str | os.PathLike[str] | None = None, *, progress: bool
     """Reads a file, a directory or a glob into documents, one per file.
 
     Args:
-        path: a text file, a directory (all regular non-hidden text files below
-            it, recursively), a glob pattern (``**`` allowed), or None for the
-            built-in default corpus (:func:`default_documents`). ``~`` is expanded.
+        path: a text file (any name), a directory (its regular non-hidden files
+            named ``*.txt`` or ``*.text``, recursively; a warning names the other
+            files, which are skipped), a glob pattern (``**`` allowed; every
+            matching file, any name), or None for the built-in default corpus
+            (:func:`default_documents`). ``~`` is expanded.
         progress: show a progress bar on stderr (only with 16 files or more).
 
     Returns:
@@ -246,9 +298,12 @@ def read_documents(path: str | os.PathLike[str] | None = None, *, progress: bool
     raw = os.fspath(path)
     if not isinstance(raw, str):
         raise JaxattnError(f"corpus path must be text, got {raw!r}")
-    root, files, mode = _find_files(raw)
+    skipped: list[str] = []
+    root, files, mode = _find_files(raw, skipped)
     named = sorted((_posix_rel(f, root), f) for f in files)
     docs, replaced = _read_named_files(named, raw, mode, progress)
+    if skipped:
+        warnings.warn(f"{raw}: {_skipped_note(sorted(skipped))}", stacklevel=2)
     if replaced:
         warnings.warn(
             f"{len(replaced)} file(s) in {raw} are not valid UTF-8 (first: {replaced[0]}); "

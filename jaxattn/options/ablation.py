@@ -111,10 +111,17 @@ def summarize(records: list[dict[str, Any]], num_layers: int) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for m in ABLATION_METRICS:
-        per = [float(np.mean([r[m] for r in records if r["layer"] == l])) for l in range(num_layers)]
+        # Heads without queries carry None (pipeline.evaluate); a layer of only such heads gives NaN.
+        def mean(rs: list[dict[str, Any]], m: str = m) -> float:
+            vals = [r[m] for r in rs if r[m] is not None]
+            return float(np.mean(vals)) if vals else float("nan")
+
+        per = [mean([r for r in records if r["layer"] == l]) for l in range(num_layers)]
         out[m] = per
-        out[f"{m}_mean"] = float(np.mean([r[m] for r in records]))
-        out[f"{m}_worst_layer"] = float(max(per) if m == "kl" else min(per))
+        out[f"{m}_mean"] = mean(records)
+        out[f"{m}_worst_layer"] = (
+            float(np.nanmax(per) if m == "kl" else np.nanmin(per)) if any(np.isfinite(per)) else float("nan")
+        )
     return out
 
 

@@ -43,12 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.counts import CountMatrix, probability_matrix
-from jaxattn.derive import HeadWeights, assemble_params, dense_or_sparse, derive_vo, normalize_std
+from jaxattn.derive import HeadWeights, assemble_params, dense_or_sparse, derive_params, derive_vo, normalize_std
 from jaxattn.embeddings import base_embeddings, ngram_embeddings
 from jaxattn.errors import JaxattnError
 from jaxattn.model import ModelConfig, Params
 from jaxattn.options.calibration import calibrate_temperature, calibration_set
 from jaxattn.options.factors import (
+    SEED_DERIVATION,
     DerivationConfig,
     NgramQueryTable,
     TableFactors,
@@ -206,8 +207,10 @@ def _head_qk(
         wq_np, res_q = lstsq(X_q, fac.A, fac.row_w)
         wk_np, res_k = lstsq(stream, fac.B, fac.col_w)
         return jnp.asarray(wq_np, jnp.float32), jnp.asarray(wk_np, jnp.float32), res_q, res_k
-    wq = jnp.asarray(X_q).T @ jnp.asarray(fac.A, jnp.asarray(X_q).dtype)
-    wk = embed.T @ jnp.asarray(fac.B, embed.dtype)
+    # On the host, as jaxattn.derive.derive_qk computes them: the seed derivation then matches it bit for bit.
+    xq = np.asarray(X_q)
+    wq = jax.device_put(xq.T @ np.asarray(fac.A, xq.dtype))
+    wk = jax.device_put(np.asarray(embed).T @ np.asarray(fac.B, np.asarray(embed).dtype))
     return wq, wk, float("nan"), float("nan")
 
 
@@ -248,6 +251,10 @@ def derive_oracle(
     missing = [p for p in config.pairs if p not in tables]
     if missing:
         raise JaxattnError(f"missing count tables {missing} for this config")
+    if dcfg == SEED_DERIVATION:
+        # Every ingredient off is the seed derivation itself: one code path, so row 0 of an
+        # ablation is the baseline bit for bit.
+        return Derivation(derive_params(tables, config, key=key), None, {"tables": {}})
     L, H, K, D = config.num_layers, config.num_heads, config.d_head, config.d_model
     k_embed, k_svd, k_mlp = jax.random.split(key, 3)
     k_rep = jax.random.fold_in(key, 3)

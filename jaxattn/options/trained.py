@@ -256,10 +256,16 @@ def default_train_config(
 def _improvement(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, list[bool]]:
     """Per layer: did cosine and tie-aware argmax rise, and KL fall (layer summaries, after vs before)."""
     pairs_ab = list(zip(after, before, strict=True))
+
+    def better(a: Any, b: Any, larger: bool) -> bool:
+        if a is None or b is None:  # a layer with no valid queries (n/a) did not improve
+            return False
+        return bool(a > b) if larger else bool(a < b)
+
     return {
-        "cosine": [a["cosine"] > b["cosine"] for a, b in pairs_ab],
-        "argmax_match_tied": [a["argmax_match_tied"] > b["argmax_match_tied"] for a, b in pairs_ab],
-        "kl": [a["kl"] < b["kl"] for a, b in pairs_ab],
+        "cosine": [better(a["cosine"], b["cosine"], True) for a, b in pairs_ab],
+        "argmax_match_tied": [better(a["argmax_match_tied"], b["argmax_match_tied"], True) for a, b in pairs_ab],
+        "kl": [better(a["kl"], b["kl"], False) for a, b in pairs_ab],
     }
 
 

@@ -439,7 +439,10 @@ def _record_eval(curves: dict[str, Any], at: int, records: list[dict[str, Any]])
     """Appends one held-out evaluation (per-layer means over heads) to the curves."""
     curves["eval_step"].append(at)
     for name in ("cosine", "argmax_match_tied", "kl", "entropy"):
-        curves[f"eval_{name}"].append([float(r[name]) for r in layer_summary(records)])
+        # A layer with no valid queries has None (n/a): NaN keeps the curve's shape.
+        curves[f"eval_{name}"].append(
+            [float("nan") if r[name] is None else float(r[name]) for r in layer_summary(records)]
+        )
 
 
 def _run_steps(

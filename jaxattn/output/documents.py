@@ -12,9 +12,59 @@ from typing import Any
 
 import numpy as np
 
+from jaxattn.alignment import KL_EPS, TIE_RTOL
 from jaxattn.version import VERSION
 
-__all__ = ["environment_info", "git_commit", "language_model_block", "metrics_document"]
+#: Version of the ``metrics.json`` layout. "2": ``schema_version`` and ``definitions`` added, and
+#: the metrics of a head with no valid query are null (they were 0.0).
+SCHEMA_VERSION = "2"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "definitions",
+    "environment_info",
+    "git_commit",
+    "language_model_block",
+    "metrics_document",
+]
+
+
+def definitions() -> dict[str, str]:
+    """``metrics.json``'s ``"definitions"`` block: what every number in ``results`` and ``language_model`` means.
+
+    Returns:
+        ``{name: one-sentence definition}`` for ``kl``, ``cosine``, ``argmax_match``,
+        ``argmax_match_tied``, ``entropy``, ``num_queries``, ``num_dropped``, ``null``, the
+        ``_std/_min/_max`` spread fields, ``expected`` and ``language_model``; the constants
+        (:data:`~jaxattn.alignment.KL_EPS`, :data:`~jaxattn.alignment.TIE_RTOL`) are the ones the
+        code uses.
+    """
+    return {
+        "expected": "expected[i, j] = P^{n,s}[g_i, tokens[j]] / sum_{j' <= i} P^{n,s}[g_i, tokens[j']] for keys "
+        "j <= i, where g_i = tokens[i-n+1 .. i] is the query's n-gram and (n, s) the head's layout entry",
+        "kl": f"KL(expected || actual) in nats (natural log), sum_j e_j (ln(e_j + {KL_EPS:g}) - ln(a_j + {KL_EPS:g})) "
+        "with eps inside the logs, both rows renormalised over the query's valid keys; mean over valid queries",
+        "cosine": "cosine similarity e.a / (|e| |a|) of the expected and actual rows over the valid keys, clipped "
+        "to [0, 1] (0 where either row is all zero); mean over valid queries",
+        "argmax_match": "strict: the actual and expected argmax key positions are equal, ties broken by the first "
+        "index on both sides; fraction of valid queries",
+        "argmax_match_tied": "tie-aware: the actual argmax lands on a key whose expected mass equals the row's "
+        f"maximum within {TIE_RTOL:g} relative (e[argmax a] >= max(e) (1 - {TIE_RTOL:g})); fraction of valid queries",
+        "entropy": "entropy of the actual row over its valid keys, in nats, divided by log(number of valid keys) "
+        "= log(i+1) for query position i with the causal mask (1.0 is uniform; 1.0 for a single key); "
+        "mean over valid queries",
+        "num_queries": "valid queries pooled over every sequence: positions i >= n-1 whose n-gram was observed and "
+        "whose expected row has positive mass",
+        "num_dropped": "queries left out: B x max(T - n + 1, 0) positions with a full n-gram, minus num_queries "
+        "(their n-gram is unobserved in the count tables, or its expected mass over the keys j <= i is zero)",
+        "null": "a head with num_queries 0 has null for every metric (undefined, not a perfect 0)",
+        "spread": "{metric}_std, _min, _max: the unweighted std, min and max over the sequences that had a valid "
+        "query of that sequence's mean; the metric itself is the mean over all valid queries",
+        "language_model": "per option, next-token cross-entropy in bits per token (log base 2) over the same "
+        "num_predictions = B x (T-1) predictions: derived_bits_per_token (the option's model), "
+        "ngram_bits_per_token (the back-off n-gram model of the same count tables, of order ngram_order = "
+        "longest context + 1, add-alpha smoothing with alpha = smoothing), uniform_bits_per_token = log2 V",
+    }
 
 
 def environment_info() -> dict[str, Any]:
@@ -105,10 +155,17 @@ def metrics_document(
             the next-token bits per token of the derived model, its n-gram model and uniform.
 
     Returns:
-        ``{"results", "config", "corpus", "eval_corpus", "language_model", "environment",
-        "created_utc", "timings_s", ...extra}``.
+        ``{"schema_version", "definitions", "results", "config", "corpus", "eval_corpus",
+        "language_model", "environment", "created_utc", "timings_s", ...extra}``;
+        ``schema_version`` is :data:`SCHEMA_VERSION` and ``definitions`` :func:`definitions`.
     """
-    doc: dict[str, Any] = {"results": records, "config": config, "corpus": corpus}
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "definitions": definitions(),
+        "results": records,
+        "config": config,
+        "corpus": corpus,
+    }
     if eval_corpus is not None:
         doc["eval_corpus"] = eval_corpus
     if language_model is not None:

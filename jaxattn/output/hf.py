@@ -54,7 +54,9 @@ __all__ = [
     "check_gpt2_config",
     "gpt2_config",
     "gpt2_state_dict",
+    "hf_model_config",
     "layout_heads",
+    "load_any_gpt2_checkpoint",
     "load_gpt2_checkpoint",
     "params_from_gpt2",
     "save_gpt2_checkpoint",
@@ -455,3 +457,119 @@ def load_gpt2_checkpoint(directory: str | os.PathLike[str]) -> GPT2Checkpoint:
     vocab = {str(t): int(i) for t, i in _read_json(d / "vocab.json").items()}
     layout = list(_read_json(d / "jaxattn_layout.json")["heads"])
     return GPT2Checkpoint({k: jnp.asarray(v) for k, v in params.items()}, config, vocab, layout, block)
+
+
+def hf_model_config(cfg: Mapping[str, Any]) -> ModelConfig:
+    """The :class:`~jaxattn.model.ModelConfig` of any HF GPT-2 ``config.json`` that jaxattn's forward runs exactly.
+
+    Every block is a layout layer (``num_layers = n_layer``, no preparation blocks), with
+    ``d_head = n_embd // n_head`` and the layout of ``max_n = max_s = 3`` (only recorded: scoring
+    compares every head with every table).
+
+    Args:
+        cfg: the parsed ``config.json``.
+
+    Returns:
+        The model config (LayerNorm and MLP on).
+
+    Raises:
+        JaxattnError: another ``model_type``, a missing size, ``activation_function`` other than
+            ``gelu_new``, ``layer_norm_epsilon`` other than 1e-5, ``n_embd`` not a multiple of
+            ``n_head``, or an attention scaling jaxattn does not compute.
+    """
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        raise JaxattnError(f"model_type={cfg.get('model_type')!r} is not a GPT-2 checkpoint (model_type 'gpt2')")
+    sizes = {}
+    for key in ("vocab_size", "n_embd", "n_head", "n_layer"):
+        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise JaxattnError(f"config.json has no valid {key} (got {cfg.get(key)!r})")
+        sizes[key] = int(cfg[key])
+    act = cfg.get("activation_function", "gelu_new")
+    if act != "gelu_new":
+        raise JaxattnError(f"activation_function={act!r} is not supported: jaxattn's forward computes 'gelu_new' only")
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or abs(float(eps) - 1e-5) > 1e-12:
+        raise JaxattnError(f"layer_norm_epsilon={eps!r} is not supported: jaxattn's LayerNorm uses 1e-5")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if bool(cfg.get(key, want)) != want:
+            raise JaxattnError(f"{key}={cfg.get(key)!r} is not supported (jaxattn scales attention by 1/sqrt(d_head))")
+    D, H = sizes["n_embd"], sizes["n_head"]
+    if D % H:
+        raise JaxattnError(f"n_embd={D} is not a multiple of n_head={H}")
+    return ModelConfig(
+        vocab_size=sizes["vocab_size"], d_model=D, d_head=D // H, num_layers=sizes["n_layer"], num_heads=H,
+        max_n=3, max_s=3,
+    )  # fmt: skip
+
+
+def _load_state(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return dict(st_load(path.read_bytes()))
+    except OSError as e:
+        raise JaxattnError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # safetensors raises its own error types on a bad header or an unknown dtype
+        raise JaxattnError(f"cannot parse {path}: {e}") from None
+
+
+def _foreign_params(state: Mapping[str, np.ndarray], config: ModelConfig, tied: bool, where: Path) -> Params:
+    """The jaxattn pytree of an HF GPT-2 state dict (``transformer.``-prefixed or not), shapes checked."""
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    D, V = config.d_model, config.vocab_size
+    NB = sum(1 for name in state if name.startswith("h.") and name.endswith(".attn.c_attn.weight"))
+    if NB != config.num_layers:
+        raise JaxattnError(f"{where} has {NB} blocks but config.json says n_layer={config.num_layers}")
+    want = {"wte.weight": (V, D), "ln_f.weight": (D,)}
+    want.update({f"h.{b}.attn.c_attn.weight": (D, 3 * D) for b in range(NB)})
+    want.update({f"h.{b}.attn.c_proj.weight": (D, D) for b in range(NB)})
+    if not tied:
+        want["lm_head.weight"] = (V, D)
+    for name, shape in want.items():
+        if name not in state:
+            raise JaxattnError(f"{where} has no tensor {name!r}")
+        if tuple(state[name].shape) != shape:
+            raise JaxattnError(
+                f"{where}: {name} has shape {list(state[name].shape)}, config.json implies {list(shape)}"
+            )
+    keys = [*_REQUIRED, *_MLP, "bq", "bk", "bv", "bo"] + (["wpe"] if "wpe.weight" in state else [])
+    out = params_from_gpt2(state, config, keys + ([] if tied else ["lm_head"]))
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+def load_any_gpt2_checkpoint(directory: str | os.PathLike[str]) -> GPT2Checkpoint:
+    """Reads any HF GPT-2 checkpoint: a jaxattn export, or one ``transformers`` (or anyone) saved.
+
+    A ``config.json`` with the ``"jaxattn"`` block goes to :func:`load_gpt2_checkpoint`. Any other
+    needs ``config.json`` (:func:`hf_model_config`) and ``model.safetensors`` (float32, float16 or
+    float64 tensors under HF's names, with or without the ``transformer.`` prefix; ``lm_head.weight``
+    when ``tie_word_embeddings`` is false); ``vocab.json`` is read when present.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        :class:`GPT2Checkpoint`; for a foreign checkpoint ``vocab`` is ``{}`` without ``vocab.json``,
+        ``layout`` is ``[]`` and ``meta`` is ``{"format": "hf", "num_prep_blocks": 0}``.
+
+    Raises:
+        JaxattnError: a missing or unreadable file, a config :func:`hf_model_config` refuses, or
+            tensors that do not match the config.
+    """
+    d = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (d / name).is_file():
+            raise JaxattnError(f"{str(d)!r} is not a GPT-2 checkpoint (missing {name})")
+    cfg = _read_json(d / "config.json")
+    if not isinstance(cfg, dict):
+        raise JaxattnError(f"{d / 'config.json'} is not a JSON object")
+    if isinstance(cfg.get("jaxattn"), dict):
+        return load_gpt2_checkpoint(d)
+    config = hf_model_config(cfg)
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    params = _foreign_params(_load_state(d / "model.safetensors"), config, tied, d / "model.safetensors")
+    vocab: dict[str, int] = {}
+    if (d / "vocab.json").is_file():
+        raw = _read_json(d / "vocab.json")
+        if not isinstance(raw, dict) or not all(isinstance(i, int) for i in raw.values()):
+            raise JaxattnError(f"{d / 'vocab.json'} is not a token -> id object")
+        vocab = {str(t): int(i) for t, i in raw.items()}
+    return GPT2Checkpoint(params, config, vocab, [], {"format": "hf", "num_prep_blocks": 0})

@@ -1,29 +1,60 @@
 """Figures (matplotlib, Agg): the seed's expected-vs-actual panels, heatmaps, comparisons, diagnostics.
 
 Outside the pure core: these functions only read results. Every PNG is written atomically.
+Metric values of None (a head with no queries) are drawn as blank cells and printed as n/a.
+The attention panels (:func:`plot_head`, :func:`plot_heads`, :func:`plot_expected_vs_actual`)
+live in :mod:`jaxattn.output.attention_plots` and are re-exported here.
+
+Nothing here is O(V^2) in the vocabulary size V: :func:`embedding_similarity_stats` works on
+blocks of rows (all V rows when V <= ``max_rows``, else a fixed-seed sample of rows against
+every column), sized by the memory budget.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxattn.alignment import METRIC_NAMES
-from jaxattn.output.files import atomic_open
-from jaxattn.typing import ArrayLike, Bool, Float, Int
+from jaxattn.counts import dense_budget
+from jaxattn.errors import JaxattnError
+from jaxattn.output.attention_plots import (
+    SCALINGS,
+    distinct_skip_heads,
+    format_value,
+    parse_heads,
+    pick_layers,
+    plot_expected_vs_actual,
+    plot_head,
+    plot_heads,
+    pyplot,
+    save_figure,
+)
+from jaxattn.progress import progress_iter
+from jaxattn.typing import ArrayLike, Float
 
 __all__ = [
     "METRIC_LABELS",
+    "SCALINGS",
     "distinct_skip_heads",
+    "embedding_similarity_stats",
+    "metric_ranges",
+    "parse_heads",
     "pick_layers",
     "plot_ablation",
     "plot_diagnostics",
     "plot_embedding_similarity",
     "plot_expected_vs_actual",
+    "plot_head",
+    "plot_heads",
     "plot_metric_heatmaps",
     "plot_options_comparison",
+    "plot_training_curves",
+    "render_figures",
+    "repeated_cells",
 ]
 
 METRIC_LABELS = {
@@ -34,161 +65,132 @@ METRIC_LABELS = {
     "entropy": "entropy / log(#keys)",
 }
 
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_plt = pyplot
+_save = save_figure
 
 
-def _save(fig: Any, path: Path) -> None:
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+def _num(v: Any) -> float:
+    """A metric value as a float; None (no queries) becomes NaN."""
+    return float("nan") if v is None else float(v)
 
 
-def pick_layers(num_layers: int, k: int = 4) -> list[int]:
-    """Up to ``k`` representative layers: first, second, middle, last."""
-    cand = [0, 1, num_layers // 2, num_layers - 1]
-    out: list[int] = []
-    for c in cand:
-        if 0 <= c < num_layers and c not in out:
-            out.append(c)
-    return out[:k]
-
-
-def plot_expected_vs_actual(
-    path: Path,
-    expected: Float[ArrayLike, "P B T T"],
-    mask: Bool[ArrayLike, "P B T T"],
-    pair_index: Int[ArrayLike, "L H"],
-    attn: Float[ArrayLike, "B L H T T"],
-    records: list[dict[str, Any]],
-    *,
-    seq: int = 0,
-    tokens: list[str] | None = None,
-    title: str = "",
-    max_positions: int = 32,
-) -> None:
-    """The seed's side-by-side figure: expected | actual for representative layers and heads.
-
-    Rows are layers (first, second, middle, last); column pairs are the heads with
-    distinct skips s (the seed layout repeats s = max_s for the other heads).
+def render_figures(
+    jobs: Sequence[tuple[str, Callable[[], Any]]], *, progress: bool = False
+) -> tuple[list[Path], list[str]]:
+    """Runs figure jobs one by one; a failing job is reported, not raised, so no result is lost.
 
     Args:
-        path: output PNG.
-        expected: float32 [P, B, T, T].
-        mask: bool [P, B, T, T].
-        pair_index: int [L, H].
-        attn: float32 [B, L, H, T, T].
-        records: metric records (to annotate each panel).
-        seq: which sequence to draw.
-        tokens: optional token strings of that sequence (tick labels).
-        title: figure title.
-        max_positions: draw the first this many positions (panel metrics cover all).
-    """
-    plt = _plt()
-    L, H = pair_index.shape
-    layers = pick_layers(L)
-    heads = distinct_skip_heads(pair_index)[:4]
-    rec = {(r["layer"], r["head"]): r for r in records}
-    # Show at most 32 positions (the seed's sequence length) so tokens stay legible, and
-    # scale each row to its own maximum: early queries have few keys and would swamp the colours.
-    T = min(attn.shape[-1], max_positions)
-    fig, axes = plt.subplots(
-        len(layers), 2 * len(heads), figsize=(3.3 * 2 * len(heads), 3.4 * len(layers)), squeeze=False
-    )
-    causal = np.tril(np.ones((T, T), bool))
-    labels = [repr(t)[1:-1] for t in tokens[:T]] if tokens is not None else None
-    for i, l in enumerate(layers):
-        for j, h in enumerate(heads):
-            p = int(pair_index[l, h])
-            e = np.where(mask[p, seq, :T, :T], expected[p, seq, :T, :T], np.nan)
-            a = np.where(causal, attn[seq, l, h, :T, :T], np.nan)
-            r = rec.get((l, h), {})
-            for k, (img, lab) in enumerate(((e, "expected"), (a, "actual"))):
-                ax = axes[i, 2 * j + k]
-                _draw_row_scaled(ax, img, labels)
-                sub = f"L{l}H{h} (n={r.get('n', '?')}, s={r.get('s', '?')}) {lab}"
-                if lab == "actual" and r:
-                    sub += f"\ncos {r['cosine']:.2f}  tied {r['argmax_match_tied']:.0%}  KL {r['kl']:.2f}"
-                ax.set_title(sub, fontsize=8)
-                if k == 0 and j == 0:
-                    ax.set_ylabel("query position i")
-    fig.suptitle(
-        title
-        or "Expected (from counts) vs actual attention; key j on x, query i on y; each row scaled to its max; "
-        "blank = masked",
-        fontsize=11,
-    )
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def distinct_skip_heads(pair_index: Int[ArrayLike, "L H"]) -> list[int]:
-    """The first head of each distinct table in layer 0 (the seed layout repeats s = max_s for the rest).
-
-    Args:
-        pair_index: int [L, H] table index of each head.
+        jobs: ``(name, draw)`` pairs; ``draw()`` writes the figure and returns its path, a list of
+            paths, or None.
+        progress: a progress bar over the jobs.
 
     Returns:
-        Head indices, in order.
+        (the paths written, ``"name: ExceptionType: message"`` for each job that failed).
     """
-    heads: list[int] = []
-    seen: set[int] = set()
-    for h in range(pair_index.shape[1]):
-        p = int(pair_index[0, h])
-        if p not in seen:
-            seen.add(p)
-            heads.append(h)
-    return heads
+    files: list[Path] = []
+    failures: list[str] = []
+    for name, draw in progress_iter(jobs, desc="report: figures", enabled=progress):
+        try:
+            got = draw()
+        except Exception as e:  # noqa: BLE001  (any plotting failure; the results are already on disk)
+            failures.append(f"{name}: {type(e).__name__}: {' '.join(str(e).splitlines())}")
+            continue
+        if isinstance(got, (list, tuple)):
+            files += [Path(p) for p in got]
+        elif got is not None:
+            files.append(Path(got))
+    return files, failures
 
 
-def _draw_row_scaled(ax: Any, img: np.ndarray, labels: list[str] | None) -> None:
-    """One [T, T] panel, each row scaled to its own maximum (NaN cells blank), with token ticks."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rmax = np.nanmax(np.where(np.isfinite(img), img, -np.inf), axis=1, keepdims=True)
-        shown = img / np.where(rmax > 0, rmax, 1.0)
-    ax.imshow(shown, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    if labels is not None:
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, fontsize=5, rotation=90)
-        ax.set_yticks(range(len(labels)))
-        ax.set_yticklabels(labels, fontsize=5)
-    else:
-        ax.set_xticks([])
-        ax.set_yticks([])
+def metric_ranges(records: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """One colour range per metric over all ``records`` (every option): [0, 1], KL [0, its max].
+
+    Args:
+        records: metric records of one or more options (None values are skipped).
+
+    Returns:
+        ``{metric: (lo, hi)}``.
+    """
+    out = {}
+    for m in METRIC_NAMES:
+        vals = np.array([_num(r.get(m)) for r in records], np.float64)
+        finite = vals[np.isfinite(vals)]
+        out[m] = (0.0, max(float(finite.max()) if finite.size else 0.0, 1e-6)) if m == "kl" else (0.0, 1.0)
+    return out
 
 
-def plot_metric_heatmaps(out: Path, records: list[dict[str, Any]], *, prefix: str = "heatmap") -> list[Path]:
-    """One layer x head heatmap per metric (annotated), for one option's records."""
+def repeated_cells(records: list[dict[str, Any]]) -> set[tuple[int, int]]:
+    """The (layer, head) cells whose (n, s) table equals an earlier head's in the same layer.
+
+    The layout gives head h the skip s = min(h, max_s), so the heads past max_s repeat one table.
+
+    Args:
+        records: one option's records (``layer``, ``head``, ``n``, ``s``).
+
+    Returns:
+        The repeated cells (empty when the records carry no ``n``/``s``).
+    """
+    seen: set[tuple[Any, Any, Any]] = set()
+    out: set[tuple[int, int]] = set()
+    for r in sorted(records, key=lambda r: (r["layer"], r["head"])):
+        if "n" not in r or "s" not in r:
+            continue
+        key = (r["layer"], r["n"], r["s"])
+        if key in seen:
+            out.add((r["layer"], r["head"]))
+        seen.add(key)
+    return out
+
+
+def plot_metric_heatmaps(
+    out: Path,
+    records: list[dict[str, Any]],
+    *,
+    prefix: str = "heatmap",
+    ranges: dict[str, tuple[float, float]] | None = None,
+) -> list[Path]:
+    """One layer x head heatmap per metric (annotated), for one option's records.
+
+    Cells that repeat an earlier head's (n, s) table are hatched; None values are blank (n/a).
+
+    Args:
+        out: output directory.
+        records: one option's records.
+        prefix: file names ``{prefix}_{metric}.png``.
+        ranges: ``{metric: (lo, hi)}`` colour ranges (:func:`metric_ranges` of every option, so that
+            colours compare across options); default: this option's own.
+
+    Returns:
+        The paths written.
+    """
     plt = _plt()
+    from matplotlib.patches import Rectangle
+
     L = max(r["layer"] for r in records) + 1
     H = max(r["head"] for r in records) + 1
+    ranges = ranges or metric_ranges(records)
+    repeats = repeated_cells(records)
     paths = []
     for m in METRIC_NAMES:
         grid = np.full((L, H), np.nan)
         for r in records:
-            grid[r["layer"], r["head"]] = r[m]
-        fig, ax = plt.subplots(figsize=(0.55 * H + 2.5, 0.45 * L + 1.5))
-        lo, hi = (0.0, 1.0) if m != "kl" else (0.0, max(float(np.nanmax(grid)), 1e-6))
-        im = ax.imshow(grid, cmap="magma" if m == "kl" else "viridis", vmin=lo, vmax=hi, aspect="auto")
+            grid[r["layer"], r["head"]] = _num(r.get(m))
+        fig, ax = plt.subplots(figsize=(0.55 * H + 2.5, 0.45 * L + 1.7))
+        lo, hi = ranges[m]
+        cmap = plt.get_cmap("magma" if m == "kl" else "viridis").with_extremes(bad="0.85")
+        im = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
         for l in range(L):
             for h in range(H):
                 v = grid[l, h]
-                ax.text(
-                    h,
-                    l,
-                    f"{v:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="w" if (v - lo) < 0.5 * (hi - lo) else "k",
-                )
-        ax.set_xlabel("head (s = min(head, max_s))")
+                dark = not np.isfinite(v) or (v - lo) < 0.5 * (hi - lo)
+                colour = "k" if not np.isfinite(v) else ("w" if dark else "k")
+                ax.text(h, l, format_value(v, ".2f"), ha="center", va="center", fontsize=6, color=colour)
+                if (l, h) in repeats:
+                    ax.add_patch(
+                        Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.55", linewidth=0)
+                    )
+        note = f"; hatched: repeats an earlier head's (n, s) ({len(repeats)} of {L * H})" if repeats else ""
+        ax.set_xlabel(f"head (s = min(head, max_s)){note}", fontsize=8)
         ax.set_ylabel("layer (n = min(layer+1, max_n))")
         ax.set_xticks(range(H))
         ax.set_yticks(range(L))
@@ -200,46 +202,176 @@ def plot_metric_heatmaps(out: Path, records: list[dict[str, Any]], *, prefix: st
     return paths
 
 
+def _similarity_rows(V: int, max_rows: int, seed: int) -> np.ndarray:
+    """All row indices when V <= max_rows, else a sorted fixed-seed sample of max_rows of them."""
+    if V <= max_rows:
+        return np.arange(V)
+    return np.sort(np.random.default_rng(seed).choice(V, size=max_rows, replace=False))
+
+
+def embedding_similarity_stats(
+    embed: Float[ArrayLike, "V D"],
+    *,
+    max_rows: int = 1024,
+    seed: int = 0,
+    max_dense_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Off-diagonal statistics of the embeddings' cosine similarity, without the V x V matrix.
+
+    The mean is exact for any V (from ``|sum_i e_i|^2``). The |cos| statistics cover every pair
+    when V <= ``max_rows``; otherwise they cover ``max_rows`` rows drawn with ``seed`` against all V
+    columns (``sampled`` is then true, and the max is the max over those rows). The rows are
+    processed in blocks of at most 16 MiB (and within the memory budget).
+
+    Args:
+        embed: float [V, D] embeddings (rows are normalised here).
+        max_rows: rows to use at most.
+        seed: the sampling seed.
+        max_dense_bytes: memory budget (default: :func:`jaxattn.counts.dense_budget`).
+
+    Returns:
+        ``offdiag_mean``, ``offdiag_abs_mean``, ``offdiag_abs_max``, ``rows``, ``sampled``, ``vocab_size``.
+
+    Raises:
+        JaxattnError: the budget cannot hold the normalised embeddings and one row block.
+    """
+    e = np.asarray(embed, np.float64)
+    V = e.shape[0]
+    e = np.ascontiguousarray(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12))
+    budget = dense_budget(max_dense_bytes)
+    if e.nbytes + 8 * 2 * V > budget:
+        raise JaxattnError(f"embedding statistics need {e.nbytes + 16 * V} bytes, over the budget of {budget}")
+    rows = _similarity_rows(V, max_rows, seed)
+    block = int(max(1, min(len(rows), min(16 * 1024**2, budget - e.nbytes) // (8 * 2 * max(V, 1)))))
+    total, abs_total, abs_max, count = 0.0, 0.0, 0.0, 0
+    for start in range(0, len(rows), block):
+        idx = rows[start : start + block]
+        sim = np.ascontiguousarray(e[idx]) @ e.T  # [b, V]
+        sim[np.arange(len(idx)), idx] = np.nan  # the diagonal
+        a = np.abs(sim)
+        abs_total += float(np.nansum(a))
+        abs_max = max(abs_max, float(np.nanmax(a, initial=0.0)))
+        count += sim.size - len(idx)
+        total += float(np.nansum(sim))
+    s = e.sum(0)
+    exact_sum = float(s @ s - np.sum(e * e))
+    pairs = V * (V - 1)
+    return {
+        "offdiag_mean": exact_sum / pairs if pairs else 0.0,
+        "offdiag_abs_mean": abs_total / count if count else 0.0,
+        "offdiag_abs_max": abs_max,
+        "rows": int(len(rows)),
+        "sampled": bool(len(rows) < V),
+        "vocab_size": int(V),
+    }
+
+
 def plot_embedding_similarity(
-    path: Path, embed: Float[ArrayLike, "V D"], vocab: list[str] | None = None, max_tokens: int = 96
-) -> dict[str, float]:
+    path: Path,
+    embed: Float[ArrayLike, "V D"],
+    vocab: list[str] | None = None,
+    max_tokens: int = 128,
+    *,
+    label: str = "token embeddings E",
+    seed: int = 0,
+    stats: dict[str, Any] | None = None,
+    max_dense_bytes: int | None = None,
+) -> dict[str, Any]:
     """Cosine-similarity matrix of the token embeddings, with off-diagonal statistics.
+
+    Draws every token when V <= ``max_tokens``; otherwise ``min(max_tokens, 64)`` tokens drawn with ``seed``
+    (sorted by id), and the title says so. Nothing V x V is formed (:func:`embedding_similarity_stats`).
 
     Args:
         path: output PNG.
         embed: float [V, D].
         vocab: token strings for tick labels.
-        max_tokens: draw at most this many tokens (the first ones).
+        max_tokens: draw at most this many tokens.
+        label: which embedding this is (the title), e.g. "baseline token embeddings E (random unit Gaussian)".
+        seed: the sampling seed (tokens drawn and statistic rows).
+        stats: precomputed :func:`embedding_similarity_stats` (default: computed here).
+        max_dense_bytes: memory budget of the statistics.
 
     Returns:
-        Off-diagonal statistics: mean, mean |.|, max |.| of the cosine similarity.
+        The statistics (:func:`embedding_similarity_stats`).
     """
     plt = _plt()
     e = np.asarray(embed, np.float64)
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    sim = e @ e.T
-    off = sim[~np.eye(sim.shape[0], dtype=bool)]
-    stats = {
-        "offdiag_mean": float(off.mean()) if off.size else 0.0,
-        "offdiag_abs_mean": float(np.abs(off).mean()) if off.size else 0.0,
-        "offdiag_abs_max": float(np.abs(off).max()) if off.size else 0.0,
-    }
-    k = min(max_tokens, sim.shape[0])
-    fig, ax = plt.subplots(figsize=(8, 7))
-    im = ax.imshow(sim[:k, :k], cmap="RdBu_r", vmin=-1, vmax=1)
-    if vocab is not None and k <= 100:
-        labels = [repr(t)[1:-1] for t in vocab[:k]]
+    V = e.shape[0]
+    if stats is None:
+        stats = embedding_similarity_stats(e, seed=seed, max_dense_bytes=max_dense_bytes)
+    ids = _similarity_rows(V, max_tokens if V <= max_tokens else min(max_tokens, 64), seed)  # legible labels
+    sub = e[ids] / np.maximum(np.linalg.norm(e[ids], axis=1, keepdims=True), 1e-12)
+    k = len(ids)
+    fig, ax = plt.subplots(figsize=(10, 9) if k > 64 else (8, 7))
+    im = ax.imshow(sub @ sub.T, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    if vocab is not None:
+        labels = [repr(vocab[i])[1:-1] for i in ids]
+        size = max(3.0, min(8.0, 420.0 / k))
         ax.set_xticks(range(k))
-        ax.set_xticklabels(labels, fontsize=5, rotation=90)
+        ax.set_xticklabels(labels, fontsize=size, rotation=90, fontfamily="monospace")
         ax.set_yticks(range(k))
-        ax.set_yticklabels(labels, fontsize=5)
+        ax.set_yticklabels(labels, fontsize=size, fontfamily="monospace")
+    which = f"all {V} tokens" if k == V else f"{k} of {V} tokens (random sample, seed {seed}, in id order)"
+    over = f"{stats['rows']} sampled rows x all tokens" if stats.get("sampled") else "all pairs"
     ax.set_title(
-        f"embedding cosine similarity (first {k} tokens)\noff-diagonal mean |cos| {stats['offdiag_abs_mean']:.3f}, max {stats['offdiag_abs_max']:.3f}",
+        f"cosine similarity of the {label}: {which}\noff-diagonal mean |cos| {stats['offdiag_abs_mean']:.3f}, "
+        f"max |cos| {stats['offdiag_abs_max']:.3f} ({over})",
         fontsize=10,
     )
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="cosine")
     _save(fig, path)
     return stats
+
+
+def plot_training_curves(path: Path, curves: dict[str, Any], *, title: str = "Option 4 training") -> Path:
+    """Option 4's training curves: the loss per step, and the held-out alignment at each evaluation.
+
+    Args:
+        path: output PNG.
+        curves: ``step``, ``loss`` and, when evaluated, ``eval_step`` with ``eval_cosine`` /
+            ``eval_argmax_match_tied`` (per evaluation: one value per layer), as in Option 4's
+            ``extra["curves"]``.
+        title: figure title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        JaxattnError: no ``loss`` curve.
+    """
+    loss = np.asarray(curves.get("loss", []), np.float64).ravel()
+    if loss.size == 0:
+        raise JaxattnError("the training curves have no 'loss' values to plot")
+    plt = _plt()
+    steps = np.asarray(curves.get("step", []))
+    steps = steps if steps.size == loss.size else np.arange(1, loss.size + 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    ax1.plot(steps, loss, color="#1f77b4", linewidth=1.4)
+    ax1.set_xlabel("training step")
+    ax1.set_ylabel("training loss")
+    ax1.grid(True, alpha=0.3)
+    ax1.set_title("loss per step", fontsize=10)
+    at = list(np.asarray(curves.get("eval_step", [])).ravel())
+    for i, (key, lab) in enumerate((("eval_cosine", "cosine"), ("eval_argmax_match_tied", "tied argmax match"))):
+        vals = list(curves.get(key, []))
+        if not at or len(vals) != len(at):
+            continue
+        per = np.array([[_num(v) for v in np.atleast_1d(row)] for row in vals], np.float64)  # [evals, layers]
+        colour, marker, ls = _OPTION_STYLES[i + 1]
+        ax2.plot(at, np.nanmean(per, 1), color=colour, marker=marker, linestyle=ls, label=f"{lab} (mean over layers)")
+        ax2.fill_between(at, np.nanmin(per, 1), np.nanmax(per, 1), color=colour, alpha=0.12)
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel("held-out alignment")
+    ax2.set_ylim(0, 1.02)
+    ax2.grid(True, alpha=0.3)
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    ax2.set_title("held-out alignment at each evaluation (band: min-max over layers)", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
 
 
 #: Line styles that stay distinguishable in grey print: (colour, marker, linestyle).
@@ -276,9 +408,10 @@ def plot_options_comparison(path: Path, layer_rows: list[dict[str, Any]], option
                 continue
             colour, marker, ls = _OPTION_STYLES[i % len(_OPTION_STYLES)]
             x = np.array([r["layer"] for r in rows])
-            y = np.array([r[m] for r in rows])
+            y = np.array([_num(r.get(m)) for r in rows])
             ax.plot(x, y, color=colour, marker=marker, linestyle=ls, label=opt, markersize=5, linewidth=1.6)
-            ax.fill_between(x, [r[f"{m}_min"] for r in rows], [r[f"{m}_max"] for r in rows], color=colour, alpha=0.12)
+            lo, hi = ([_num(r.get(f"{m}_{b}")) for r in rows] for b in ("min", "max"))
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.12)
         L = max((r["layer"] for r in layer_rows), default=0) + 1
         ax.set_xticks(range(L))
         ax.set_xlabel("layer (n = min(layer+1, max_n))")
@@ -307,10 +440,11 @@ def plot_ablation(path: Path, rows: list[dict[str, Any]]) -> None:
     w = 0.38
     bar_specs = ((-w / 2, "cosine", "cosine", "#1f77b4"), (w / 2, "argmax_match_tied", "tied argmax", "#d62728"))
     for off, m, lab, colour in bar_specs:
-        vals = [r.get(f"{m}_mean", np.nan) for r in rows]
+        vals = [_num(r.get(f"{m}_mean")) for r in rows]
         bars = ax1.bar(x + off, vals, w, label=lab, color=colour)
         for b, v in zip(bars, vals, strict=True):
-            ax1.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+            y = v + 0.01 if np.isfinite(v) else 0.01
+            ax1.text(b.get_x() + b.get_width() / 2, y, format_value(v, ".2f"), ha="center", va="bottom", fontsize=7)
     ax1.set_xticks(x)
     ax1.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax1.set_ylim(0, 1.1)
@@ -321,7 +455,15 @@ def plot_ablation(path: Path, rows: list[dict[str, Any]]) -> None:
         per = r.get("argmax_match_tied")
         if isinstance(per, list) and per:
             colour, marker, ls = _OPTION_STYLES[i % len(_OPTION_STYLES)]
-            ax2.plot(range(len(per)), per, color=colour, marker=marker, linestyle=ls, label=labels[i], markersize=4)
+            ax2.plot(
+                range(len(per)),
+                [_num(v) for v in per],
+                color=colour,
+                marker=marker,
+                linestyle=ls,
+                label=labels[i],
+                markersize=4,
+            )
     ax2.set_xlabel("layer")
     ax2.set_xticks(range(max((len(r.get("argmax_match_tied") or []) for r in rows), default=0)))
     ax2.set_ylabel("tied argmax match (mean over heads)")

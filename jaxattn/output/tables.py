@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "NA",
+    "fmt_metric",
     "format_construction",
     "format_diagnostics",
     "format_extra_scalars",
@@ -43,31 +45,56 @@ def run_header(prep: Any, *, same_for_every_option: bool = False) -> str:
     )
 
 
+#: What a table prints for a metric that is not defined (a head with no valid query: None / null).
+NA = "n/a"
+
+
+def fmt_metric(v: Any, spec: str) -> str:
+    """``format(v, spec)``, or :data:`NA` right-aligned to the spec's width for None or NaN.
+
+    Args:
+        v: a number, None (a head with no valid query) or NaN.
+        spec: a format spec such as ``"7.3f"`` or ``"6.1%"``.
+
+    Returns:
+        The formatted text.
+    """
+    if v is None or (isinstance(v, (float, np.floating)) and not np.isfinite(v)):
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return f"{NA:>{width}}" if width else NA
+    return format(v, spec)
+
+
 def format_table(records: list[dict[str, Any]], *, per_head: bool = True) -> str:
-    """A fixed-width per-layer, per-head table (with the spread over sequences)."""
+    """A fixed-width per-layer, per-head table (with the spread over sequences); ``n/a`` for heads without queries."""
     head = f"{'option':>9} {'L':>2} {'H':>2} {'n':>1} {'s':>1} {'KL':>7} {'cos':>6} {'±':>5} {'match':>6} {'tied':>6} {'entropy':>7} {'queries':>7}"
     lines = [head, "-" * len(head)]
     for r in records:
         if not per_head:
             break
         lines.append(
-            f"{r['option']:>9} {r['layer']:>2} {r['head']:>2} {r['n']:>1} {r['s']:>1} {r['kl']:7.3f} "
-            f"{r['cosine']:6.3f} {r.get('cosine_std', 0.0):5.3f} {r['argmax_match']:6.1%} "
-            f"{r['argmax_match_tied']:6.1%} {r['entropy']:7.3f} {r['num_queries']:7d}"
+            f"{r['option']:>9} {r['layer']:>2} {r['head']:>2} {r['n']:>1} {r['s']:>1} {fmt_metric(r['kl'], '7.3f')} "
+            f"{fmt_metric(r['cosine'], '6.3f')} {fmt_metric(r.get('cosine_std', 0.0), '5.3f')} "
+            f"{fmt_metric(r['argmax_match'], '6.1%')} {fmt_metric(r['argmax_match_tied'], '6.1%')} "
+            f"{fmt_metric(r['entropy'], '7.3f')} {r['num_queries']:7d}"
         )
     return "\n".join(lines)
 
 
 def format_layer_summary(rows: list[dict[str, Any]]) -> str:
-    """Per-layer means over heads (with the head range)."""
+    """Per-layer means over heads (with the head range); ``n/a`` for a layer without queries."""
     head = f"{'option':>9} {'layer':>5} {'n':>1} {'KL':>7} {'cosine (min-max)':>20} {'match':>6} {'tied (min-max)':>20} {'entropy':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r["cosine"] is None:
+            cos = f"{NA:>6} {'':13}"
+            tied = f"{NA:>6} {'':13}"
+        else:
+            cos = f"{r['cosine']:6.3f} ({r['cosine_min']:.2f}-{r['cosine_max']:.2f})"
+            tied = f"{r['argmax_match_tied']:6.1%} ({r['argmax_match_tied_min']:.0%}-{r['argmax_match_tied_max']:.0%})"
         lines.append(
-            f"{r['option']:>9} {r['layer']:>5} {r['n']:>1} {r['kl']:7.3f} "
-            f"{r['cosine']:6.3f} ({r['cosine_min']:.2f}-{r['cosine_max']:.2f}) {r['argmax_match']:6.1%} "
-            f"{r['argmax_match_tied']:6.1%} ({r['argmax_match_tied_min']:.0%}-{r['argmax_match_tied_max']:.0%}) "
-            f"{r['entropy']:7.3f}"
+            f"{r['option']:>9} {r['layer']:>5} {r['n']:>1} {fmt_metric(r['kl'], '7.3f')} "
+            f"{cos} {fmt_metric(r['argmax_match'], '6.1%')} {tied} {fmt_metric(r['entropy'], '7.3f')}"
         )
     return "\n".join(lines)
 
@@ -86,14 +113,16 @@ def format_options_summary(summaries: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for s in summaries:
-        cos_split = f"{s.get('cosine_layer0', float('nan')):.3f} | {s.get('cosine_deeper', float('nan')):.3f}"
-        t0, t1 = s.get("argmax_match_tied_layer0", float("nan")), s.get("argmax_match_tied_deeper", float("nan"))
-        tied_split = f"{t0:6.1%} | {t1:6.1%}"
+        cos_split = f"{fmt_metric(s.get('cosine_layer0'), '.3f')} | {fmt_metric(s.get('cosine_deeper'), '.3f')}"
+        t0, t1 = s.get("argmax_match_tied_layer0"), s.get("argmax_match_tied_deeper")
+        tied_split = f"{fmt_metric(t0, '6.1%')} | {fmt_metric(t1, '6.1%')}"
         secs = s.get("seconds")
         secs_txt = f"{secs:7.1f}" if secs is not None else "      -"
         lines.append(
-            f"{s['option']:>9} {s['cosine']:7.3f} {cos_split:>15} {s['argmax_match_tied']:7.1%} {tied_split:>15} "
-            f"{s['argmax_match']:7.1%} {s['kl']:7.3f} {s['entropy']:7.3f} {secs_txt}"
+            f"{s['option']:>9} {fmt_metric(s.get('cosine'), '7.3f')} {cos_split:>15} "
+            f"{fmt_metric(s.get('argmax_match_tied'), '7.1%')} {tied_split:>15} "
+            f"{fmt_metric(s.get('argmax_match'), '7.1%')} {fmt_metric(s.get('kl'), '7.3f')} "
+            f"{fmt_metric(s.get('entropy'), '7.3f')} {secs_txt}"
         )
     return "\n".join(lines)
 

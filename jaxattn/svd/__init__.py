@@ -4,8 +4,9 @@ The public entry point is :func:`truncated_svd`. It returns the top ``rank``
 singular triplets of a matrix ``M`` of shape ``(R, V)`` with one of two
 algorithms:
 
-* ``"exact"``: the dense thin SVD (``jnp.linalg.svd(full_matrices=False)``),
-  truncated. For small matrices.
+* ``"exact"``: the dense thin SVD, truncated. For small matrices. A matrix given
+  on the host (numpy, scipy.sparse, COO triplets) is decomposed there by numpy's
+  LAPACK (no compilation per shape); a jax array by ``jnp.linalg.svd``.
 * ``"randomized"``: a randomized block Krylov method (Musco & Musco 2015,
   "Randomized block Krylov methods for stronger and faster approximate
   singular value decomposition"): block Lanczos with full
@@ -31,11 +32,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.errors import JaxattnError
-from jaxattn.svd.exact import exact_svd
+from jaxattn.svd.exact import exact_svd, exact_svd_host
 from jaxattn.svd.operators import HostSparse, as_matrix, check_finite
 from jaxattn.svd.randomized import randomized_svd
 from jaxattn.typing import Array, Float, PRNGKey
@@ -101,6 +101,19 @@ def _check_options(rank: Any, shape: tuple[int, int], tol: float, oversample: in
     if not (tol > 0):
         raise JaxattnError(f"truncated_svd: tol={tol!r} must be > 0")
     return rank
+
+
+def _exact(mat: Any, rank: int, *, on_host: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The exact path: numpy's LAPACK for a matrix given on the host (no compilation per shape), else jitted."""
+    LAST_INFO.clear()
+    if on_host:
+        LAST_INFO.update(method="exact", where="host")
+        host = mat.csr.toarray() if isinstance(mat, HostSparse) else np.asarray(mat)
+        hu, hs, hvt = exact_svd_host(host)
+        return jax.device_put(hu[:, :rank]), jax.device_put(hs[:rank]), jax.device_put(hvt[:rank])
+    LAST_INFO.update(method="exact", where="device")
+    u, s, vt = exact_svd(mat)
+    return u[:, :rank], s[:rank], vt[:rank]
 
 
 def truncated_svd(
@@ -171,12 +184,7 @@ def truncated_svd(
     if method == "auto":
         method = auto_method(R, V, rank)
     if method == "exact":
-        if isinstance(mat, HostSparse):
-            mat = jnp.asarray(mat.csr.toarray())
-        LAST_INFO.clear()
-        LAST_INFO.update(method="exact")
-        u, s, vt = exact_svd(mat)
-        return u[:, :rank], s[:rank], vt[:rank]
+        return _exact(mat, rank, on_host=not isinstance(M, jax.Array))
     if key is None:
         key = jax.random.PRNGKey(0)
     u, s, vt, info = randomized_svd(mat, shape, rank, key, float(tol), int(oversample), n_iter)

@@ -197,3 +197,41 @@ def test_sample_sequences_stay_in_documents_and_errors():
         sample_sequences(tokens, docs, 11, 2, jax.random.PRNGKey(0))
     with pytest.raises(JaxattnError, match="num_seqs=0"):
         sample_sequences(tokens, docs, 4, 0, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("metric", ["kl", "cosine", "argmax_match", "argmax_match_tied", "entropy"])
+def test_grad_of_every_metric_is_finite_with_empty_query_rows(metric):
+    # Empty query rows (the first two, and one row whose expected mass is zero) are where sqrt'(0) = inf
+    # used to turn into NaN; the gradient w.r.t. both sides must stay finite and the values unchanged.
+    e, a, m = random_case(jax.random.PRNGKey(3), (2,), 9)
+    e[:, 4] = 0.0  # a valid-mask row with zero expected mass
+    a = a.copy()
+    a[:, 5] = 0.0  # an actual row with zero mass on its valid keys
+    m[:, 6] = False
+    e, a, m = jnp.asarray(e), jnp.asarray(a), jnp.asarray(m)
+
+    def f_actual(x):
+        return jaxattn.alignment_metrics(e, x, m)[metric].sum()
+
+    def f_expected(x):
+        return jaxattn.alignment_metrics(x, a, m)[metric].sum()
+
+    for f, x in ((f_actual, a), (f_expected, e)):
+        g = np.asarray(jax.grad(f)(x))
+        assert np.isfinite(g).all(), f"{metric}: {np.sum(~np.isfinite(g))} non-finite gradient entries"
+    if metric in ("kl", "cosine"):  # differentiable metrics: the gradient reaches the valid rows
+        assert np.abs(np.asarray(jax.grad(f_actual)(a))[:, 7:]).sum() > 0
+    got = jaxattn.alignment_metrics(e, a, m)
+    for b in range(2):
+        ref = ref_sequence(np.asarray(e[b]), np.asarray(a[b]), np.asarray(m[b]))
+        np.testing.assert_allclose(float(got[metric][b]), ref[metric], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_expected_attention_refuses_out_of_range_token_ids(bad):
+    tokens, docs, _ = markov_corpus(2, 7, 600)
+    cm = jaxattn.count_matrix(tokens, 1, 0, 7, doc_ids=docs)
+    with pytest.raises(JaxattnError, match=rf"token id {bad} is outside \[0, vocab_size=7\)"):
+        expected_attention(cm, np.array([bad, 1, 2]))
+    with pytest.raises(JaxattnError, match=rf"token id {bad}"):
+        jaxattn.alignment.context_ids(cm, np.array([[1, bad, 2]]))

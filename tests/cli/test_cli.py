@@ -35,9 +35,11 @@ def files(tmp_path_factory) -> Path:
     (d / "empty.txt").write_bytes(b"")
     (d / "emptydir").mkdir()
     (d / "bindir").mkdir()
-    (d / "bindir" / "x.dat").write_bytes(b"\x00" * 10)
+    (d / "bindir" / "x.txt").write_bytes(b"\x00" * 10)  # a text name, binary bytes
     (d / "mixdir").mkdir()
-    (d / "mixdir" / "x.dat").write_bytes(b"\x00" * 10)
+    (d / "mixdir" / "x.txt").write_bytes(b"\x00" * 10)
+    (d / "mddir").mkdir()
+    (d / "mddir" / "notes.md").write_text("markdown, not a .txt")
     (d / "mixdir" / "e.txt").write_bytes(b"")
     (d / "short.txt").write_text("abc")
     rng = np.random.default_rng(0)
@@ -72,6 +74,13 @@ CASES = [
     ("binary file", ["--corpus", "{d}/bin.dat"], "not a text file (NUL bytes in its first 8 KiB): {d}/bin.dat"),
     ("empty file", ["--corpus", "{d}/empty.txt"], "corpus is empty: {d}/empty.txt (1 empty file(s))"),
     ("empty directory", ["--corpus", "{d}/emptydir"], "no text files in directory: {d}/emptydir"),
+    (
+        "directory without *.txt files",
+        ["--corpus", "{d}/mddir"],
+        "no text files in directory: {d}/mddir (1 file(s) not named *.txt or *.text skipped: notes.md; "
+        "pass a glob such as DIR/**/*.md to read them)",
+    ),
+    ("--glob without a directory", ["--glob", "*.md"], "--glob '*.md' needs a directory --corpus or --eval-corpus"),
     (
         "directory of binary files",
         ["--corpus", "{d}/bindir"],
@@ -236,3 +245,90 @@ def test_option3_that_does_not_fit_is_refused_with_the_requirement(files, capsys
     code, _, err = run_main(analyze(files, "--option", "3"), capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "Option 3 as a GPT-2 needs a residual of" in err and "but d_model=16" in err, err
+
+
+# --------------------------------------------------------------------------- #
+# Small CLI things: --version, help on every flag, the error line's program name
+# --------------------------------------------------------------------------- #
+
+
+def test_version(capsys):
+    from jaxattn.version import VERSION
+
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out == f"jaxattn {VERSION}\n"
+
+
+def _all_actions(parser, name="jaxattn"):
+    import argparse
+
+    for action in parser._actions:
+        yield name, action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _all_actions(sub, f"{name} {sub_name}")
+
+
+def test_every_flag_has_help():
+    actions = list(_all_actions(cli.build_parser()))
+    assert len({name for name, _ in actions}) >= 4  # the top level and at least three subcommands
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, a in actions if not (a.help or "").strip()]
+    assert missing == []
+    helps = {(name, a.option_strings[0]): a.help for name, a in actions if a.option_strings}
+    for flag in ("--tokenizer", "--d-model", "--layers", "--heads", "--batch-size", "--max-n", "--max-s", "--glob"):
+        assert len(helps[("jaxattn analyze", flag)]) > 25, flag
+    option_help = helps[("jaxattn analyze", "--option")]
+    assert all(f"{k}: " in option_help for k in ("baseline", "1", "2", "3", "4"))
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["analyze", "--bogus"], "jaxattn: error: unrecognized arguments: --bogus (see `jaxattn analyze --help`)"),
+        (
+            ["compare", "--bogus", "x"],
+            "jaxattn: error: unrecognized arguments: --bogus x (see `jaxattn compare --help`)",
+        ),
+        (["--bogus"], "jaxattn: error: unrecognized arguments: --bogus (see `jaxattn --help`)"),
+        (
+            ["analyze", "--seq-len", "0"],
+            "jaxattn: error: argument --seq-len: must be >= 1, got 0 (see `jaxattn analyze --help`)",
+        ),
+    ],
+)
+def test_error_line_names_the_command_once(argv, line, capsys):
+    code, _, err = run_main(argv, capsys)
+    assert code == 2
+    assert err.splitlines() == [line]
+
+
+def test_directory_skips_non_text_names_and_glob_overrides(tmp_path, capsys):
+    d = tmp_path / "plays"
+    d.mkdir()
+    words = "the cat sat on a mat and then it ran off to see what the dog did".split()
+    rng = np.random.default_rng(1)
+    for name in ("a.txt", "b.txt"):
+        (d / name).write_text(" ".join(rng.choice(words, 80)) + "\n")
+    (d / "SOURCE.md").write_text("# where these came from\n")
+    out = tmp_path / "out"
+    code, _, err = run_main(["analyze", *TINY, "--corpus", str(d), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert f"jaxattn: warning: {d}: 1 file(s) not named *.txt or *.text skipped: SOURCE.md" in err.splitlines()
+    import json
+
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["corpus"]["num_docs"] + doc["eval_corpus"]["num_docs"] == 2
+    assert set(doc["corpus"]["files"]) | set(doc["eval_corpus"]["files"]) == {"a.txt", "b.txt"}
+
+
+def test_compilation_cache_dir_and_opt_out(monkeypatch, tmp_path):
+    from jaxattn.cli import common
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("JAXATTN_COMPILATION_CACHE", raising=False)
+    assert common.compilation_cache_dir() == str(tmp_path / "jaxattn" / "jax")
+    monkeypatch.setenv("JAXATTN_COMPILATION_CACHE", str(tmp_path / "mine"))
+    assert common.compilation_cache_dir() == str(tmp_path / "mine")
+    for off in ("0", "off", ""):
+        monkeypatch.setenv("JAXATTN_COMPILATION_CACHE", off)
+        assert common.compilation_cache_dir() is None

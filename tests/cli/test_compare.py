@@ -136,7 +136,8 @@ def test_compare_writes_every_option_ablation_and_diagnostics(slice_dir, tmp_pat
     # Option 2 stand-in is the expected attention itself: cosine 1, best option.
     o2 = [r for r in doc["results"] if r["option"] == "option2"]
     assert all(r["cosine"] > 0.9999 and r["argmax_match_tied"] == 1.0 for r in o2)
-    assert doc["best_option"] == "option2"
+    # The ceiling is not ranked: Option 3's stand-in (argmax of the expectation) wins; option2 is printed as the ceiling.
+    assert doc["best_option"] == "option3" and doc["ceilings"] == ["option2"]
     summ = {s["option"]: s for s in doc["options_summary"]}
     base = [r for r in doc["results"] if r["option"] == "baseline"]
     assert summ["baseline"]["cosine"] == pytest.approx(np.mean([r["cosine"] for r in base]))
@@ -159,6 +160,8 @@ def test_compare_writes_every_option_ablation_and_diagnostics(slice_dir, tmp_pat
         assert (out / f"heatmap_{lab}_cosine.png").exists()
     text = capsys.readouterr().out
     assert "option2" in text and "verdicts" in text and "ablation" in text.lower()
+    assert "best option (tied argmax match, then cosine; the ceiling not ranked): option3" in text
+    assert any(ln.startswith("ceiling") and "option2" in ln for ln in text.splitlines())
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
@@ -171,6 +174,7 @@ def test_analyze_option_writes_its_extras(slice_dir, tmp_path, stand_ins):
     assert [c[0] for c in stand_ins] == ["4"]
     assert doc["option_extras"]["option4"]["curves"]["loss"] == pytest.approx(list(np.linspace(1, 0.5, 4)))
     assert {r["option"] for r in doc["results"]} == {"option4"}
+    assert (out / "training_curves.png").stat().st_size > 1000
 
 
 def test_compare_subset_skips_and_real_option2(slice_dir, tmp_path):
@@ -231,6 +235,13 @@ def test_best_option_and_plain():
         {"option": "c", "argmax_match_tied": 0.4, "cosine": 0.99},
     ]
     assert compare.best_option(s) == "b"
+    ceil = [{"option": "option2", "argmax_match_tied": 1.0, "cosine": 1.0}, *s]
+    assert compare.best_option(ceil) == "b" and compare.best_option(ceil, exclude=set()) == "option2"
+    assert compare.best_option(ceil[:1]) is None
+    res = {lab: pipeline.AnalysisResult(lab, [], np.zeros(1)) for lab in ("option1", "option2", "option3")}
+    assert compare.attention_result([res["option2"], res["option1"]], "option1").option == "option1"
+    assert compare.attention_result(list(res.values()), "option1").option == "option3"
+    assert compare.attention_result([res["option2"]], None) is None
     import jax.numpy as jnp
 
     plain = jsonable({"x": jnp.ones(2), "y": np.float32(1.5), "z": (1, np.int64(2)), "w": object})

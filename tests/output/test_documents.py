@@ -42,3 +42,18 @@ def test_block_keeps_every_option_and_the_results_untouched():
     assert next(ln for ln in lines if ln.split()[0] == "option2").split()[1:] == ["-"] * 4
     assert next(ln for ln in lines if ln.split()[0] == "option4").split()[1] == "-"
     assert format_language_model({"option1": None}) == ""
+
+
+def test_metrics_document_is_self_describing():
+    from jaxattn.alignment import KL_EPS, METRIC_NAMES, TIE_RTOL
+
+    doc = json.loads(json.dumps(metrics_document([], config={}, corpus={}), allow_nan=False))
+    assert doc["schema_version"] == "2"
+    d = doc["definitions"]
+    assert set(METRIC_NAMES) | {"num_queries", "num_dropped", "null", "language_model", "expected"} <= set(d)
+    assert "natural log" in d["kl"] and f"{KL_EPS:g}" == "1e-10" and "1e-10" in d["kl"]
+    assert "log(number of valid keys)" in d["entropy"] and "log(i+1)" in d["entropy"]
+    assert f"{TIE_RTOL:g} relative" in d["argmax_match_tied"] and TIE_RTOL == 1e-6
+    assert "unobserved" in d["num_dropped"] and "num_queries" in d["num_dropped"]
+    assert all(w in d["language_model"] for w in ("bits", "ngram_order", "smoothing", "log2 V"))
+    assert "|e| |a|" in d["cosine"]

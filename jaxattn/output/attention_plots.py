@@ -1,0 +1,398 @@
+"""Attention figures (matplotlib, Agg): expected | actual panels of one head or a chosen set of heads.
+
+Re-exported by :mod:`jaxattn.output.plots`. Axes: T positions (key j on x, query i on y),
+L layers, H heads, P count tables, B sequences.
+
+Scaling. ``scaling="absolute"`` (the default) draws attention probabilities on one linear colour
+range shared by every panel of the figure, from 0 to the largest probability drawn, with a colour
+bar. ``scaling="row"`` divides each query row by its own maximum (the seed's figure): it shows
+where each row peaks, but near-uniform rows then look as bright as peaked ones. Masked cells
+(no expectation, or above the causal diagonal) are drawn blank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxattn.errors import JaxattnError
+from jaxattn.output.files import atomic_open
+from jaxattn.typing import ArrayLike, Bool, Float, Int
+
+__all__ = [
+    "SCALINGS",
+    "distinct_skip_heads",
+    "format_value",
+    "parse_heads",
+    "pick_layers",
+    "plot_expected_vs_actual",
+    "plot_head",
+    "plot_heads",
+    "pyplot",
+    "save_figure",
+]
+
+#: The colour scalings of the attention panels (see the module docstring).
+SCALINGS = ("absolute", "row")
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (imported lazily)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Writes ``fig`` as a PNG atomically and closes it."""
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        pyplot().close(fig)
+
+
+def format_value(v: Any, spec: str) -> str:
+    """``format(v, spec)``, or ``"n/a"`` for None or a non-finite number (a head with no queries)."""
+    if v is None:
+        return "n/a"
+    f = float(v)
+    return format(f, spec) if np.isfinite(f) else "n/a"
+
+
+def pick_layers(num_layers: int, k: int = 4) -> list[int]:
+    """Up to ``k`` representative layers: first, second, middle, last."""
+    cand = [0, 1, num_layers // 2, num_layers - 1]
+    out: list[int] = []
+    for c in cand:
+        if 0 <= c < num_layers and c not in out:
+            out.append(c)
+    return out[:k]
+
+
+def distinct_skip_heads(pair_index: Int[ArrayLike, "L H"]) -> list[int]:
+    """The first head of each distinct table in layer 0 (the seed layout repeats s = max_s for the rest).
+
+    Args:
+        pair_index: int [L, H] table index of each head.
+
+    Returns:
+        Head indices, in order.
+    """
+    heads: list[int] = []
+    seen: set[int] = set()
+    for h in range(pair_index.shape[1]):
+        p = int(pair_index[0, h])
+        if p not in seen:
+            seen.add(p)
+            heads.append(h)
+    return heads
+
+
+def parse_heads(text: str, num_layers: int | None = None, num_heads: int | None = None) -> list[tuple[int, int]]:
+    """Heads from ``"L:H,L:H,..."`` (``--plot-heads``), checked against the model when its size is given.
+
+    Args:
+        text: comma list of ``layer:head`` pairs, e.g. ``"0:1,3:0"``.
+        num_layers: number of layers L (None: unchecked).
+        num_heads: heads per layer H (None: unchecked).
+
+    Returns:
+        ``[(layer, head), ...]`` in the given order, without duplicates.
+
+    Raises:
+        JaxattnError: a malformed pair, or a layer or head out of range (the bad value is named).
+    """
+    out: list[tuple[int, int]] = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            l, h = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            l, h = None, None
+        if l is None or h is None:
+            raise JaxattnError(f"head {item!r} is not LAYER:HEAD (e.g. 0:1,3:2)")
+        if l < 0 or (num_layers is not None and l >= num_layers):
+            raise JaxattnError(f"head {item!r}: layer {l} is not in [0, {num_layers})")
+        if h < 0 or (num_heads is not None and h >= num_heads):
+            raise JaxattnError(f"head {item!r}: head {h} is not in [0, {num_heads})")
+        if (l, h) not in out:
+            out.append((l, h))
+    if not out:
+        raise JaxattnError(f"heads {text!r} selects no head; give LAYER:HEAD pairs such as 0:1,3:2")
+    return out
+
+
+def _scaled(img: np.ndarray, scaling: str) -> np.ndarray:
+    """``img`` as drawn: unchanged (absolute) or each row divided by its maximum (row); NaN stays NaN."""
+    if scaling not in SCALINGS:
+        raise JaxattnError(f"scaling {scaling!r} is not one of {SCALINGS}")
+    if scaling == "absolute":
+        return img
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rmax = np.nanmax(np.where(np.isfinite(img), img, -np.inf), axis=1, keepdims=True)
+        return img / np.where(rmax > 0, rmax, 1.0)
+
+
+def _tick_labels(ax: Any, labels: list[str] | None, n: int) -> None:
+    if labels is None or n > 64:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    size = max(3.0, min(7.0, 240.0 / max(n, 1)))
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(labels[:n], fontsize=size, rotation=90)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels[:n], fontsize=size)
+
+
+def _panels(actual: Any, expected: Any, mask: Any, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """(expected, actual) [T, T] with blank (NaN) cells: unmasked expectations; above the diagonal."""
+    causal = np.tril(np.ones((T, T), bool))
+    e = np.asarray(expected, np.float64)[:T, :T]
+    if mask is None:
+        keep = causal & (e.sum(-1, keepdims=True) > 0)
+    else:
+        keep = np.asarray(mask, bool)[:T, :T] & causal
+    a = np.asarray(actual, np.float64)[:T, :T]
+    return np.where(keep, e, np.nan), np.where(causal, a, np.nan)
+
+
+def _head_title(layer: int, head: int, record: dict[str, Any] | None, side: str) -> str:
+    r = record or {}
+    text = f"L{layer}H{head}"
+    if "n" in r and "s" in r:
+        text += f" (n={r['n']}, s={r['s']})"
+    text += f" {side}"
+    if side == "actual" and r:
+        text += (
+            f"\ncos {format_value(r.get('cosine'), '.2f')}  tied {format_value(r.get('argmax_match_tied'), '.0%')}"
+            f"  KL {format_value(r.get('kl'), '.2f')}"
+        )
+    return text
+
+
+def _vmax(imgs: list[np.ndarray], scaling: str) -> float:
+    if scaling == "row":
+        return 1.0
+    finite = [float(np.nanmax(i)) for i in imgs if np.isfinite(i).any()]
+    return max(max(finite, default=0.0), 1e-6)
+
+
+def _draw_grid(
+    fig: Any,
+    axes: np.ndarray,
+    panels: list[tuple[int, int, np.ndarray, np.ndarray, dict[str, Any] | None]],
+    labels: list[str] | None,
+    scaling: str,
+) -> None:
+    """Draws head panels (expected | actual pairs) into ``axes`` [rows, 2 * per_row] with one colour bar."""
+    shown = [(_scaled(e, scaling), _scaled(a, scaling)) for _, _, e, a, _ in panels]
+    vmax = _vmax([x for pair in shown for x in pair], scaling)
+    per_row = axes.shape[1] // 2
+    im = None
+    for idx, ((layer, head, _, _, rec), pair) in enumerate(zip(panels, shown, strict=True)):
+        i, j = divmod(idx, per_row)
+        for k, (img, side) in enumerate(zip(pair, ("expected", "actual"), strict=True)):
+            ax = axes[i, 2 * j + k]
+            im = ax.imshow(img, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+            _tick_labels(ax, labels, img.shape[0])
+            ax.set_title(_head_title(layer, head, rec, side), fontsize=8)
+            if j == 0 and k == 0:
+                ax.set_ylabel("query position i")
+    for ax in axes.flat[len(panels) * 2 :]:
+        ax.axis("off")
+    if im is not None:
+        bar = fig.colorbar(im, ax=list(axes.flat), shrink=0.6, pad=0.01)
+        bar.set_label("attention probability" if scaling == "absolute" else "probability / row maximum")
+
+
+def _grid_figure(n: int, per_row: int) -> tuple[Any, np.ndarray]:
+    plt = pyplot()
+    per_row = max(1, min(per_row, n))
+    rows = -(-n // per_row)
+    fig, axes = plt.subplots(
+        rows, 2 * per_row, figsize=(3.2 * 2 * per_row + 1.2, 3.4 * rows), squeeze=False, layout="constrained"
+    )
+    return fig, axes
+
+
+def _default_title(scaling: str) -> str:
+    how = "probability, one colour range" if scaling == "absolute" else "each row scaled to its maximum"
+    return f"Expected (from counts) vs actual attention; key j on x, query i on y; {how}; blank = masked"
+
+
+def plot_head(
+    path_or_ax: Any,
+    actual: Float[ArrayLike, "T T"],
+    expected: Float[ArrayLike, "T T"],
+    tokens: Sequence[str] | None,
+    layer: int,
+    head: int,
+    *,
+    mask: Bool[ArrayLike, "T T"] | None = None,
+    scaling: str = "absolute",
+    record: dict[str, Any] | None = None,
+    title: str = "",
+) -> Path | None:
+    """One head: its expected attention beside its actual attention.
+
+    Args:
+        path_or_ax: a PNG path (a new figure is written there), or a pair of matplotlib Axes
+            ``(ax_expected, ax_actual)`` to draw into.
+        actual: float [T, T] actual attention (query i, key j).
+        expected: float [T, T] expected attention.
+        tokens: the T token strings (tick labels), or None.
+        layer: the head's layer (titles).
+        head: the head's index in its layer (titles).
+        mask: bool [T, T] cells where the expectation is defined (default: rows of ``expected``
+            with a positive sum, on and below the diagonal).
+        scaling: "absolute" (default) or "row" (module docstring).
+        record: the head's metric record (cosine, tied match and KL in the title); None values print n/a.
+        title: figure title (path form only).
+
+    Returns:
+        The path written, or None when drawing into given Axes.
+
+    Raises:
+        JaxattnError: mismatched shapes or an unknown scaling.
+    """
+    a, e = np.asarray(actual), np.asarray(expected)
+    T = a.shape[-1]
+    if a.shape != (T, T) or e.shape != (T, T):
+        raise JaxattnError(f"plot_head wants actual and expected of shape [T, T], got {a.shape} and {e.shape}")
+    labels = [repr(str(t))[1:-1] for t in tokens][:T] if tokens is not None else None
+    ep, ap = _panels(a, e, mask, T)
+    if isinstance(path_or_ax, (str, Path)):
+        fig, axes = _grid_figure(1, 1)
+        _draw_grid(fig, axes, [(layer, head, ep, ap, record)], labels, scaling)
+        fig.suptitle(title or _default_title(scaling), fontsize=9)
+        save_figure(fig, Path(path_or_ax))
+        return Path(path_or_ax)
+    ax_e, ax_a = path_or_ax
+    vmax = _vmax([_scaled(ep, scaling), _scaled(ap, scaling)], scaling)
+    for ax, img, side in ((ax_e, ep, "expected"), (ax_a, ap, "actual")):
+        ax.imshow(_scaled(img, scaling), cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        _tick_labels(ax, labels, T)
+        ax.set_title(_head_title(layer, head, record, side), fontsize=8)
+    return None
+
+
+def plot_heads(
+    path: str | Path,
+    actual: Float[ArrayLike, "L H T T"],
+    expected: Float[ArrayLike, "L H T T"],
+    tokens: Sequence[str] | None,
+    heads: Sequence[tuple[int, int]] | None = None,
+    *,
+    mask: Bool[ArrayLike, "L H T T"] | None = None,
+    scaling: str = "absolute",
+    records: list[dict[str, Any]] | None = None,
+    title: str = "",
+    max_positions: int | None = None,
+    per_row: int = 4,
+) -> Path:
+    """A chosen set of heads, expected | actual side by side, on one colour range with a colour bar.
+
+    Args:
+        path: output PNG.
+        actual: float [L, H, T, T] actual attention of one sequence.
+        expected: float [L, H, T, T] expected attention of the same sequence.
+        tokens: the T token strings (tick labels), or None.
+        heads: ``[(layer, head), ...]`` (default: every head of the first, second, middle and last layers,
+            at most 4 per layer).
+        mask: bool [L, H, T, T] cells where the expectation is defined (default: rows with a positive sum).
+        scaling: "absolute" (default) or "row".
+        records: metric records (``layer``, ``head``, metrics) for the panel titles.
+        title: figure title.
+        max_positions: draw the first this many positions (None: all).
+        per_row: heads per figure row.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        JaxattnError: mismatched shapes, a head out of range, or an unknown scaling.
+    """
+    a, e = np.asarray(actual), np.asarray(expected)
+    if a.ndim != 4 or a.shape != e.shape or a.shape[-1] != a.shape[-2]:
+        raise JaxattnError(f"plot_heads wants actual and expected of shape [L, H, T, T], got {a.shape}, {e.shape}")
+    L, H, T = a.shape[0], a.shape[1], min(a.shape[-1], max_positions or a.shape[-1])
+    chosen = list(heads) if heads is not None else [(l, h) for l in pick_layers(L) for h in range(min(H, 4))]
+    parse_heads(",".join(f"{l}:{h}" for l, h in chosen), L, H)  # range check, naming the bad head
+    m = None if mask is None else np.asarray(mask, bool)
+    rec = {(r["layer"], r["head"]): r for r in records or []}
+    panels = []
+    for l, h in chosen:
+        ep, ap = _panels(a[l, h], e[l, h], None if m is None else m[l, h], T)
+        panels.append((l, h, ep, ap, rec.get((l, h))))
+    labels = [repr(str(t))[1:-1] for t in tokens][:T] if tokens is not None else None
+    fig, axes = _grid_figure(len(panels), per_row)
+    _draw_grid(fig, axes, panels, labels, scaling)
+    fig.suptitle(title or _default_title(scaling), fontsize=10)
+    save_figure(fig, Path(path))
+    return Path(path)
+
+
+def plot_expected_vs_actual(
+    path: Path,
+    expected: Float[ArrayLike, "P B T T"],
+    mask: Bool[ArrayLike, "P B T T"],
+    pair_index: Int[ArrayLike, "L H"],
+    attn: Float[ArrayLike, "B L H T T"],
+    records: list[dict[str, Any]],
+    *,
+    seq: int = 0,
+    tokens: list[str] | None = None,
+    title: str = "",
+    max_positions: int = 32,
+    heads: Sequence[tuple[int, int]] | None = None,
+    scaling: str = "absolute",
+) -> None:
+    """The seed's side-by-side figure: expected | actual for representative (or chosen) heads.
+
+    By default rows are layers (first, second, middle, last) and column pairs are the heads with
+    distinct skips s (the seed layout repeats s = max_s for the other heads).
+
+    Args:
+        path: output PNG.
+        expected: float32 [P, B, T, T].
+        mask: bool [P, B, T, T].
+        pair_index: int [L, H].
+        attn: float32 [B, L, H, T, T].
+        records: metric records (to annotate each panel; None metrics print n/a).
+        seq: which sequence to draw.
+        tokens: optional token strings of that sequence (tick labels).
+        title: figure title.
+        max_positions: draw the first this many positions (panel metrics cover all).
+        heads: ``[(layer, head), ...]`` to draw instead of the default selection.
+        scaling: "absolute" (default: probability with a colour bar) or "row" (each row scaled to its max).
+    """
+    pi = np.asarray(pair_index)
+    L, H = pi.shape
+    distinct = distinct_skip_heads(pi)[:4]
+    per_row = len(distinct) if heads is None else min(4, len(heads))
+    if heads is None:
+        heads = [(l, h) for l in pick_layers(L) for h in distinct]
+    parse_heads(",".join(f"{l}:{h}" for l, h in heads), L, H)
+    T = min(attn.shape[-1], max_positions)
+    rec = {(r["layer"], r["head"]): r for r in records}
+    panels = []
+    for l, h in heads:
+        p = int(pi[l, h])
+        ep, ap = _panels(attn[seq, l, h], expected[p, seq], mask[p, seq], T)
+        panels.append((l, h, ep, ap, rec.get((l, h))))
+    labels = [repr(t)[1:-1] for t in tokens[:T]] if tokens is not None else None
+    fig, axes = _grid_figure(len(panels), per_row)
+    _draw_grid(fig, axes, panels, labels, scaling)
+    fig.suptitle(title or _default_title(scaling), fontsize=10)
+    save_figure(fig, path)
