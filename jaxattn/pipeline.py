@@ -480,6 +480,53 @@ class AnalysisResult:
     language_model: dict[str, Any] | None = None
 
 
+def measure(
+    prep: Prepared,
+    params: Params,
+    label: str,
+    *,
+    extra: dict[str, Any] | None = None,
+    qk_inputs_fn: Any = None,
+    attn_logits_fn: Any = None,
+    progress: bool = True,
+    timer: Timer | None = None,
+) -> AnalysisResult:
+    """Runs a derived model on the run's evaluation sequences and measures it, like every option.
+
+    One forward pass per batch (:func:`run_model`, stage "forward") gives the attention and the
+    next-token log-probs; :func:`evaluate` and :func:`language_model_scores` (stage "metrics")
+    turn them into the records and the language-model scores.
+
+    Args:
+        prep: the prepared run.
+        params: the model's parameters.
+        label: the option label of the records (and the progress bar).
+        extra: option-specific details for :attr:`AnalysisResult.extra`.
+        qk_inputs_fn: optional ``tokens [b, T] -> (q_in, k_in)`` hook.
+        attn_logits_fn: optional ``tokens [b, T] -> logits`` hook.
+        progress: progress bars.
+        timer: stage timer.
+
+    Returns:
+        :class:`AnalysisResult`.
+    """
+    with stage(timer, "forward"):
+        out = run_model(
+            params,
+            prep.tokens,
+            prep.config,
+            batch_size=prep.run.batch_size,
+            qk_inputs_fn=qk_inputs_fn,
+            attn_logits_fn=attn_logits_fn,
+            progress=progress,
+            desc=label,
+        )
+    with stage(timer, "metrics"):
+        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option=label)
+        lm = language_model_scores(prep, out.next_logprob)
+    return AnalysisResult(label, records, out.attn, params, dict(extra or {}), language_model=lm)
+
+
 def run_baseline(prep: Prepared, *, progress: bool = True, timer: Timer | None = None) -> AnalysisResult:
     """The seed system, faithfully: derive, run, measure.
 
@@ -494,12 +541,7 @@ def run_baseline(prep: Prepared, *, progress: bool = True, timer: Timer | None =
     with stage(timer, "derive"):
         params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
         jax.block_until_ready(params)
-    with stage(timer, "forward"):
-        out = run_model(params, prep.tokens, prep.config, batch_size=prep.run.batch_size, progress=progress)
-    with stage(timer, "metrics"):
-        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option="baseline")
-        lm = language_model_scores(prep, out.next_logprob)
-    return AnalysisResult("baseline", records, out.attn, params, language_model=lm)
+    return measure(prep, params, "baseline", progress=progress, timer=timer)
 
 
 def analyze(

@@ -57,7 +57,7 @@ from jaxattn.options.factors import (
     ngram_query_table,
     table_factors,
 )
-from jaxattn.pipeline import AnalysisResult, Prepared, evaluate, language_model_scores, run_model
+from jaxattn.pipeline import AnalysisResult, Prepared, measure
 from jaxattn.progress import Timer, stage
 from jaxattn.typing import Array, ArrayLike, Float, Integer, PRNGKey
 
@@ -353,20 +353,7 @@ def run_derivation(
     with stage(timer, "derive"):
         der, taus = derive_calibrated(prep, dcfg)
         jax.block_until_ready(der.params)
-    with stage(timer, "forward"):
-        out = run_model(
-            der.params,
-            prep.tokens,
-            prep.config,
-            batch_size=prep.run.batch_size,
-            qk_inputs_fn=der.qk_inputs,
-            progress=progress,
-            desc=label,
-        )
     extra = {"derivation": dataclasses.asdict(dcfg), **der.info}
     if taus is not None:
         extra["tau"] = taus.tolist()
-    with stage(timer, "metrics"):
-        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option=label)
-        lm = language_model_scores(prep, out.next_logprob)
-    return AnalysisResult(label, records, out.attn, der.params, extra, language_model=lm)
+    return measure(prep, der.params, label, extra=extra, qk_inputs_fn=der.qk_inputs, progress=progress, timer=timer)

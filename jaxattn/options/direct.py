@@ -26,7 +26,7 @@ from jaxattn.counts import CountMatrix, check_dense_size
 from jaxattn.derive import derive_params
 from jaxattn.errors import JaxattnError
 from jaxattn.model import ModelConfig, Params, layer_norm
-from jaxattn.pipeline import AnalysisResult, Prepared, evaluate, language_model_scores, run_model
+from jaxattn.pipeline import AnalysisResult, Prepared, measure
 from jaxattn.progress import Timer, stage
 from jaxattn.typing import Array, ArrayLike, Float, Int, Integer
 
@@ -300,21 +300,9 @@ def run_option2(
         dt = direct_tables(prep.tables, prep.pairs, floor)
         params = derive_params(prep.tables, prep.config, key=prep.key("derive"))
     logits_fn = direct_logits_fn(prep.tables, prep.pairs, prep.pair_index, dt)
-    with stage(timer, "forward"):
-        out = run_model(
-            params,
-            prep.tokens,
-            prep.config,
-            batch_size=prep.run.batch_size,
-            attn_logits_fn=logits_fn,
-            progress=progress,
-            desc="option2",
-        )
-    extra: dict[str, Any] = {"floor": floor}
+    res = measure(prep, params, "option2", attn_logits_fn=logits_fn, progress=progress, timer=timer)
+    res.extra["floor"] = floor
     if measure_cost:
         batch = prep.tokens[: max(1, int(prep.run.batch_size))]
-        extra["cost"] = option2_costs(params, dt, batch, prep.tables, prep.pairs, prep.pair_index, prep.config)
-    with stage(timer, "metrics"):
-        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option="option2")
-        lm = language_model_scores(prep, out.next_logprob)
-    return AnalysisResult("option2", records, out.attn, params, extra, language_model=lm)
+        res.extra["cost"] = option2_costs(params, dt, batch, prep.tables, prep.pairs, prep.pair_index, prep.config)
+    return res

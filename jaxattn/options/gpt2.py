@@ -58,7 +58,7 @@ from jaxattn.options.circuits import (
 from jaxattn.options.detectors import Contents, content_states, place_units, plan_levels, readout_rows
 from jaxattn.options.factors import DerivationConfig, TableFactors, table_factors
 from jaxattn.options.residual import Subspaces, allocate
-from jaxattn.pipeline import AnalysisResult, Prepared, evaluate, language_model_scores, run_model
+from jaxattn.pipeline import AnalysisResult, Prepared, measure
 from jaxattn.progress import Timer, stage
 from jaxattn.typing import PRNGKey
 
@@ -393,13 +393,8 @@ def run_gpt2(
     with stage(timer, "derive"):
         params, info = derive_gpt2(prep.tables, prep.config, gcfg, key=prep.key("derive"))
         jax.block_until_ready(params)
-    with stage(timer, "forward"):
-        out = run_model(params, prep.tokens, prep.config, batch_size=prep.run.batch_size, progress=progress, desc=label)
-    with stage(timer, "metrics"):
-        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option=label)
-        lm = language_model_scores(prep, out.next_logprob)
     extra = {"construction": dataclasses.asdict(gcfg), **info}
-    return AnalysisResult(label, records, out.attn, params, extra, language_model=lm)
+    return measure(prep, params, label, extra=extra, progress=progress, timer=timer)
 
 
 def run_option3(

@@ -25,7 +25,7 @@ from jaxattn.embeddings import orthonormal_embeddings
 from jaxattn.errors import JaxattnError
 from jaxattn.model import ModelConfig, Params
 from jaxattn.options.derivation import stream_rows
-from jaxattn.pipeline import AnalysisResult, Prepared, evaluate, language_model_scores, run_model
+from jaxattn.pipeline import AnalysisResult, Prepared, measure
 from jaxattn.progress import Timer, stage
 from jaxattn.typing import Array, ArrayLike, Float, Integer, PRNGKey
 
@@ -306,12 +306,5 @@ def run_option1(
         "ppmi": layer0_circuit_error(prep.tables, prep.config, params),
         "random": layer0_circuit_error(prep.tables, prep.config, seed_params),
     }
-    with stage(timer, "forward"):
-        out = run_model(
-            params, prep.tokens, prep.config, batch_size=prep.run.batch_size, progress=progress, desc="option1"
-        )
-    with stage(timer, "metrics"):
-        records = evaluate(prep.expected, prep.mask, prep.pair_index, out.attn, prep.config, option="option1")
-        lm = language_model_scores(prep, out.next_logprob)
     extra = {"ppmi": info, "layer0_circuit_error": errors}
-    return AnalysisResult("option1", records, out.attn, params, extra, language_model=lm)
+    return measure(prep, params, "option1", extra=extra, progress=progress, timer=timer)
