@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -52,13 +53,17 @@ def run_job(tree: Path, out: Path, extra: list[str], cache: str) -> dict[str, An
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAXATTN_"))}
     env.update(PYTHONPATH=str(tree), JAXATTN_COMPILATION_CACHE=cache, JAXATTN_NO_PROGRESS="1")
     cmd = [sys.executable, "-m", "jaxattn.cli", "analyze", *extra, "--out", str(out)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the run (user + system): less sensitive than wall time to other load on the machine.
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if r.returncode != 0:
         raise SystemExit(f"{tree}: exit {r.returncode}\n{r.stderr[-2000:]}")
     doc = json.loads((out / "metrics.json").read_text())
-    return {"wall_s": wall, "stages_s": doc.get("timings_s", {})}
+    return {"wall_s": wall, "cpu_s": cpu, "stages_s": doc.get("timings_s", {})}
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -66,6 +71,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
     out = {k: statistics.median(r["stages_s"].get(k, 0.0) for r in runs) for k in stages}
     out["stages total"] = statistics.median(sum(r["stages_s"].values()) for r in runs)
     out["wall (end to end)"] = statistics.median(r["wall_s"] for r in runs)
+    out["cpu (user + sys)"] = statistics.median(r.get("cpu_s", 0.0) for r in runs)
     return out
 
 
@@ -100,7 +106,7 @@ def main() -> None:
     order = ["load", "count", "expected", "derive", "forward", "metrics", "report"]
     rows.sort(
         key=lambda r: (
-            r["stage"] in ("stages total", "wall (end to end)"),
+            r["stage"] in ("stages total", "wall (end to end)", "cpu (user + sys)"),
             order.index(r["stage"]) if r["stage"] in order else 99,
             r["stage"],
         )
@@ -119,8 +125,13 @@ def main() -> None:
         "runs": runs,
         "ratio_cold": wall["old"] / wall["new cold"],
         "ratio_warm": wall["old"] / wall["new warm"],
+        "cpu_ratio_cold": med["old"]["cpu (user + sys)"] / med["new cold"]["cpu (user + sys)"],
+        "cpu_ratio_warm": med["old"]["cpu (user + sys)"] / med["new warm"]["cpu (user + sys)"],
     }
     print(f"end to end: old/new = {payload['ratio_cold']:.2f}x cold cache, {payload['ratio_warm']:.2f}x warm cache")
+    print(
+        f"CPU time: old/new = {payload['cpu_ratio_cold']:.2f}x cold cache, {payload['cpu_ratio_warm']:.2f}x warm cache"
+    )
     write_json(a.name, payload)
 
 

@@ -16,11 +16,21 @@ from jaxattn.alignment import (
     sample_sequences,
 )
 from jaxattn.corpus import Corpus, Tokenizer, load_corpus
-from jaxattn.counts import CountMatrix, SparseMatrix, count_matrix, count_tables, manifold_matrix, probability_matrix
+from jaxattn.counts import (
+    CountMatrix,
+    SparseMatrix,
+    count_matrix,
+    count_stream,
+    count_tables,
+    manifold_matrix,
+    probability_matrix,
+)
 from jaxattn.derive import derive_params, derive_qk, derive_vo, normalize_std
 from jaxattn.embeddings import base_embeddings, ngram_embeddings
 from jaxattn.errors import JaxattnError, MemoryBudgetError
 from jaxattn.model import DerivedTransformer, ModelConfig, check_token_ids, forward, forward_batch, preset
+from jaxattn.output.artefacts import load_tables, save_tables
+from jaxattn.output.html_report import write_report
 from jaxattn.report import AttentionReport, attention_report
 from jaxattn.svd import truncated_svd
 from jaxattn.version import VERSION
@@ -44,6 +54,7 @@ __all__ = [
     "base_embeddings",
     "check_token_ids",
     "count_matrix",
+    "count_stream",
     "count_tables",
     "derive_params",
     "derive_qk",
@@ -55,6 +66,7 @@ __all__ = [
     "forward",
     "forward_batch",
     "load_corpus",
+    "load_tables",
     "manifold_matrix",
     "ngram_embeddings",
     "normalize_std",
@@ -62,5 +74,7 @@ __all__ = [
     "probability_matrix",
     "query_metrics",
     "sample_sequences",
+    "save_tables",
     "truncated_svd",
+    "write_report",
 ]

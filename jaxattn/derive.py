@@ -16,7 +16,7 @@ from jaxattn.counts import CountMatrix, SparseMatrix, check_dense_size, manifold
 from jaxattn.embeddings import base_embeddings, ngram_embeddings
 from jaxattn.errors import JaxattnError, MemoryBudgetError
 from jaxattn.model import ModelConfig, Params, init_mlp
-from jaxattn.svd import truncated_svd
+from jaxattn.svd import one_blas_thread, truncated_svd
 from jaxattn.typing import Array, ArrayLike, Float, Num, PRNGKey
 
 
@@ -113,7 +113,8 @@ def derive_qk(
     if host is not None:
         hu, hs, hvt, hn, h1 = host
         hroot = np.sqrt(hs)
-        return jax.device_put(hn.T @ (hu * hroot)), jax.device_put(h1.T @ (hvt.T * hroot))
+        with one_blas_thread():
+            return jax.device_put(hn.T @ (hu * hroot)), jax.device_put(h1.T @ (hvt.T * hroot))
     root = jnp.sqrt(S)
     return E_n.T @ (U * root), E_1.T @ (Vt.T * root)
 
@@ -146,7 +147,8 @@ def derive_vo(
     if host is not None:
         hu, hs, hvt, hn, h1 = host
         hroot = np.sqrt(hs)
-        return jax.device_put((hu * hroot).T @ hn), jax.device_put(h1.T @ (hvt.T * hroot))
+        with one_blas_thread():
+            return jax.device_put((hu * hroot).T @ hn), jax.device_put(h1.T @ (hvt.T * hroot))
     root = jnp.sqrt(S)
     return (U * root).T @ E_n, E_1.T @ (Vt.T * root)
 
@@ -173,7 +175,7 @@ def normalize_std(W: Float[ArrayLike, "*shape"], std: float) -> Float[Array, "*s
 def _normalize_std_host(W: np.ndarray, std: float) -> np.ndarray:
     """:func:`normalize_std` in numpy."""
     cur = float(np.std(W))
-    return (W * np.float32(std / cur)).astype(W.dtype) if cur > 0 else W
+    return (W * np.float32(std / cur)).astype(W.dtype, copy=False) if cur > 0 else W
 
 
 class HeadWeights(NamedTuple):
@@ -286,7 +288,7 @@ def assemble_params(
             if config.weight_std is not None:
                 w = _normalize_std_host(w, config.weight_std) if on_host else normalize_std(w, config.weight_std)
             stacks[name].append(w)
-    params: Params = {name: jax.device_put(xp.stack(ws).astype(np.float32)) for name, ws in stacks.items()}
+    params: Params = {name: jax.device_put(xp.stack(ws).astype(np.float32, copy=False)) for name, ws in stacks.items()}
     params["embed"] = jnp.asarray(embed, jnp.float32)
     params.update(init_mlp(key, config))
     return params

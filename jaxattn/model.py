@@ -119,6 +119,11 @@ def preset(name: str, vocab_size: int, **overrides: Any) -> ModelConfig:
     return ModelConfig(vocab_size=int(vocab_size), **kw)
 
 
+def _const(value: float, shape: tuple[int, ...]) -> jax.Array:
+    """A float32 array filled with ``value``, made on the host (an eager ``jnp.zeros`` compiles per shape)."""
+    return jax.device_put(np.full(shape, value, np.float32))
+
+
 def init_mlp(key: PRNGKey, config: ModelConfig) -> Params:
     """Untrained MLP and LayerNorm parameters, stacked over layers.
 
@@ -135,15 +140,15 @@ def init_mlp(key: PRNGKey, config: ModelConfig) -> Params:
     k1, k2 = jax.random.split(key)
     return {
         "w1": config.mlp_std * jax.random.normal(k1, (L, D, F), jnp.float32),
-        "b1": jnp.zeros((L, F), jnp.float32),
+        "b1": _const(0.0, (L, F)),
         "w2": config.mlp_std * jax.random.normal(k2, (L, F, D), jnp.float32),
-        "b2": jnp.zeros((L, D), jnp.float32),
-        "ln1_scale": jnp.ones((L, D), jnp.float32),
-        "ln1_bias": jnp.zeros((L, D), jnp.float32),
-        "ln2_scale": jnp.ones((L, D), jnp.float32),
-        "ln2_bias": jnp.zeros((L, D), jnp.float32),
-        "lnf_scale": jnp.ones((D,), jnp.float32),
-        "lnf_bias": jnp.zeros((D,), jnp.float32),
+        "b2": _const(0.0, (L, D)),
+        "ln1_scale": _const(1.0, (L, D)),
+        "ln1_bias": _const(0.0, (L, D)),
+        "ln2_scale": _const(1.0, (L, D)),
+        "ln2_bias": _const(0.0, (L, D)),
+        "lnf_scale": _const(1.0, (D,)),
+        "lnf_bias": _const(0.0, (D,)),
     }
 
 

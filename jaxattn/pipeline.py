@@ -60,7 +60,8 @@ class RunConfig:
             fraction; None: the last document, or the last 10% of a single document).
         model_overrides: ModelConfig fields to override, as (name, value) pairs.
         max_dense_bytes: memory budget for dense arrays (None: the default).
-        batch_size: sequences per forward call (bounds memory).
+        batch_size: sequences per forward call (bounds memory; the results do not depend on it,
+            bit for bit). 8 is faster than 16 on CPU: the [8 * 64, 3072] MLP activations stay in cache.
     """
 
     preset: str = "seed"
@@ -72,7 +73,7 @@ class RunConfig:
     heldout: str | float | None = None
     model_overrides: tuple[tuple[str, Any], ...] = ()
     max_dense_bytes: int | None = None
-    batch_size: int = 16
+    batch_size: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
@@ -277,7 +278,7 @@ def run_model(
     tokens: Integer[ArrayLike, "B T"],
     config: ModelConfig,
     *,
-    batch_size: int = 16,
+    batch_size: int = 8,
     qk_inputs_fn: Any = None,
     attn_logits_fn: Any = None,
     progress: bool = True,
@@ -323,7 +324,7 @@ def batched_attention(
     tokens: Integer[ArrayLike, "B T"],
     config: ModelConfig,
     *,
-    batch_size: int = 16,
+    batch_size: int = 8,
     qk_inputs_fn: Any = None,
     attn_logits_fn: Any = None,
     progress: bool = True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -43,6 +44,18 @@ def progress_enabled(requested: bool = True) -> bool:
     return bool(isatty is not None and isatty())
 
 
+def stage_lines_enabled(requested: bool = True) -> bool:
+    """True when a :class:`Timer` should announce its long stages on stderr.
+
+    Unlike bars, stage lines are plain text, so they are shown on a redirected stderr too; they
+    are off when ``requested`` is False (``--no-progress``), with ``JAXATTN_NO_PROGRESS`` set, or
+    with ``JAXATTN_PROGRESS=0``.
+    """
+    if not requested or os.environ.get("JAXATTN_NO_PROGRESS"):
+        return False
+    return os.environ.get("JAXATTN_PROGRESS", "").strip().lower() not in ("0", "false", "no", "off")
+
+
 def progress_iter(items: Iterable[T], *, desc: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:
     """Iterates ``items`` with a tqdm bar on stderr when enabled."""
     if not progress_enabled(enabled):
@@ -56,21 +69,43 @@ def progress_iter(items: Iterable[T], *, desc: str, enabled: bool = True, total:
 class Timer:
     """Wall time of named stages, accumulated over repeated entries.
 
+    With ``announce_after`` set, a stage still running after that many seconds prints
+    ``jaxattn: STAGE ...`` on stderr, and ``jaxattn: STAGE done in X s`` when it ends, so that no
+    long stage is silent (short stages print nothing).
+
     Attributes:
         seconds: ``{stage name: seconds}``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce_after: float | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.announce_after = announce_after
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Times the enclosed block under ``name`` (accumulating)."""
         t0 = time.perf_counter()
+        announced = threading.Event()
+        alarm = None
+        if self.announce_after is not None:
+
+            def announce() -> None:
+                announced.set()
+                print(f"jaxattn: {name} ...", file=sys.stderr, flush=True)
+
+            alarm = threading.Timer(self.announce_after, announce)
+            alarm.daemon = True
+            alarm.start()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            if alarm is not None:
+                alarm.cancel()
+                alarm.join()
+                if announced.is_set():
+                    print(f"jaxattn: {name} done in {dt:.1f} s", file=sys.stderr, flush=True)
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
 
 
 def stage(timer: Timer | None, name: str) -> contextlib.AbstractContextManager[None]:

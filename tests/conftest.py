@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("JAXATTN_NO_PROGRESS", "1")
 os.environ.setdefault("JAXATTN_COMPILATION_CACHE", "0")  # tests never write to the user's JAX cache
+os.environ.setdefault("JAXATTN_CORPUS_CACHE", "0")  # nor to the user's built-in corpus cache
 
 # Runtime shape/dtype checking of the jaxtyping annotations, in tests only: every call into
 # the package is checked by beartype (see jaxattn/typing.py). Must run before jaxattn is

@@ -53,3 +53,27 @@ def test_requested_false_and_no_progress_win(env: pytest.MonkeyPatch) -> None:
     assert not progress.progress_enabled(False)
     env.setenv("JAXATTN_NO_PROGRESS", "1")
     assert not progress.progress_enabled(True)
+
+
+def test_timer_announces_only_long_stages(env: pytest.MonkeyPatch) -> None:
+    import time
+
+    stream = _Stream(False)
+    env.setattr(sys, "stderr", stream)
+    timer = progress.Timer(announce_after=0.05)
+    with timer.stage("quick"):
+        pass
+    with timer.stage("slow"):
+        time.sleep(0.3)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "jaxattn: slow ..." and lines[1].startswith("jaxattn: slow done in ")
+    assert len(lines) == 2 and "quick" not in stream.getvalue()
+    assert set(timer.seconds) == {"quick", "slow"} and timer.seconds["slow"] >= 0.3
+    assert progress.Timer().announce_after is None  # library timers stay silent
+
+
+def test_stage_lines_follow_the_progress_switches(env: pytest.MonkeyPatch) -> None:
+    assert progress.stage_lines_enabled(True)  # plain text: shown on a redirected stderr too
+    assert not progress.stage_lines_enabled(False)
+    env.setenv("JAXATTN_PROGRESS", "0")
+    assert not progress.stage_lines_enabled(True)

@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from jaxattn.cli import analyze, compare, export, score, train
+from jaxattn.cli import analyze, compare, count, export, score, train
 from jaxattn.cli.common import Parser, enable_compilation_cache, run_config_from_args, show_warning
 from jaxattn.errors import JaxattnError, MemoryBudgetError
 from jaxattn.version import VERSION
@@ -28,6 +28,7 @@ __all__ = ["build_parser", "main", "run_config_from_args"]
 COMMANDS = {
     "analyze": analyze.cmd_analyze,
     "compare": compare.cmd_compare,
+    "count": count.cmd_count,
     "export": export.cmd_export,
     "score": score.cmd_score,
     "train": train.cmd_train,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_parser(sub)
     compare.add_parser(sub)
+    count.add_parser(sub)
     export.add_parser(sub)
     score.add_parser(sub)
     train.add_parser(sub)

@@ -24,6 +24,7 @@ from jaxattn.cli.common import (
     add_common_arguments,
     check_model_config,
     chosen_heads,
+    cli_timer,
     load_and_prepare,
     option_knobs,
     plot_run_attention,
@@ -41,6 +42,7 @@ from jaxattn.output import (
     write_json,
 )
 from jaxattn.output.documents import language_model_block
+from jaxattn.output.html_report import report_job
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary
 from jaxattn.progress import Timer
 
@@ -80,7 +82,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     check_model_config(run)
     heads = chosen_heads(args, run)
-    timer = Timer()
+    timer = cli_timer(args)
     prep, artefacts = load_and_prepare(args, run, timer=timer, progress=progress)
     if args.save:
         with timer.stage("save"):  # the tables first: reusable even if the option fails later
@@ -269,6 +271,7 @@ def write_outputs(
     jobs = figure_jobs(
         out, prep, results, emb_stats=emb_stats, heads=heads, scaling=getattr(args, "attention_scaling", "absolute")
     )
+    jobs.insert(0, report_job(out, prep, results))  # report.html (from metrics.json) before the figures
     with timer.stage("report"):
         files, status = finish_figures(out, jobs, progress=not getattr(args, "no_progress", False))
     write_json(out / "metrics.json", document())  # again, with the report's time

@@ -41,6 +41,7 @@ from jaxattn.cli.common import (
     add_common_arguments,
     check_model_config,
     chosen_heads,
+    cli_timer,
     load_and_prepare,
     option_knobs,
     plot_run_attention,
@@ -50,6 +51,7 @@ from jaxattn.errors import JaxattnError
 from jaxattn.output import ensure_out_dir, jsonable, metrics_document, plots, tables, write_json
 from jaxattn.output.attention_plots import format_value
 from jaxattn.output.documents import language_model_block
+from jaxattn.output.html_report import report_job
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary, run_baseline
 from jaxattn.progress import Timer, progress_iter
 
@@ -219,7 +221,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_model_config(run)
     heads = chosen_heads(args, run)
     out = ensure_out_dir(args.out)
-    timer = Timer()
+    timer = cli_timer(args)
     prep, _ = load_and_prepare(args, run, timer=timer, progress=progress)
     results, base, seconds = run_all(
         prep,
@@ -349,7 +351,9 @@ def write_ablation_and_diagnostics(
     jobs: list[tuple[str, Callable[[], Any]]] = []
     if outcome.ablation_rows is not None:
         print()
-        print("Option 3 ablation (each row adds one ingredient to the row above):")
+        print(
+            "Option 3 ablation (a step adds one ingredient to the row above; a variant removes one part of Option 3):"
+        )
         print(options.format_ablation(outcome.ablation_rows))
         write_json(out / "ablation.json", {"rows": jsonable(outcome.ablation_rows), "num_layers": num_layers})
         files.append(out / "ablation.json")
@@ -447,6 +451,7 @@ def write_compare_outputs(
 
     write_json(out / "metrics.json", document())  # every result before any figure
     jobs = option_figure_jobs(out, prep, outcome, layer_rows, best, emb_stats=emb_stats, heads=heads, scaling=scaling)
+    jobs.insert(0, report_job(out, prep, results))  # report.html (from metrics.json) before the figures
     with timer.stage("report"):
         figs, status = finish_figures(out, jobs + late_jobs, progress=progress)
     write_json(out / "metrics.json", document())  # again, with the report's time

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from jaxattn import options
-from jaxattn.cli.common import add_common_arguments, load_and_prepare, positive_int, run_config_from_args
+from jaxattn.cli.common import add_common_arguments, cli_timer, load_and_prepare, positive_int, run_config_from_args
 from jaxattn.errors import JaxattnError
 from jaxattn.model import preset
 from jaxattn.output import (
@@ -38,7 +38,6 @@ from jaxattn.output import (
     vocab_from_tokenizer,
 )
 from jaxattn.pipeline import AnalysisResult, Prepared, batched_attention, layer_summary
-from jaxattn.progress import Timer
 
 __all__ = [
     "CONSTRUCTION_KEYS",
@@ -154,7 +153,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_gpt2_config(preset(run.preset, 2, **dict(run.model_overrides)))  # also validates the preset
     out = ensure_out_dir(args.out)
     progress = not args.no_progress
-    timer = Timer()
+    timer = cli_timer(args)
     prep, _ = load_and_prepare(args, run, timer=timer, progress=progress)
     result = options.run_option(prep, name, progress=progress, timer=timer)
     check_plain_forward(prep, result, name)

@@ -18,7 +18,8 @@ Outputs in ``--out``: ``scores.json`` (:func:`scores_document`: ``{"heads": [{"b
 "best": {"n", "s", "cosine", "argmax_match_tied", "kl"}}, ...], "pairs", "matrix", ...}``; for a
 jaxattn export each head of ``jaxattn_layout.json`` also gets its ``"layout"`` (n, s) and how its
 own table scored) and ``head_scores.png`` (heads x (n, s) heatmap of the cosine, each head's best
-cell ringed, its layout cell crossed). A ``report.html`` already in ``--out`` is left as it is.
+cell ringed, its layout cell crossed); ``report.html`` gains a "Head scores" tab (a report jaxattn
+wrote in ``--out`` keeps its other tabs; a new one has that tab alone; any other file is left as it is).
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
@@ -32,14 +33,14 @@ from typing import Any
 import numpy as np
 
 from jaxattn.alignment import HeadScores, sample_sequences, score_heads
-from jaxattn.cli.common import byte_count, non_negative_int, positive_int
+from jaxattn.cli.common import byte_count, cli_timer, non_negative_int, positive_int
 from jaxattn.corpus import Corpus
 from jaxattn.counts import count_tables
 from jaxattn.errors import JaxattnError
 from jaxattn.output import GPT2Checkpoint, ensure_out_dir, load_any_gpt2_checkpoint, write_json
 from jaxattn.output.files import atomic_open
+from jaxattn.output.html_report import write_score_report
 from jaxattn.pipeline import RunConfig, load_split, run_key
-from jaxattn.progress import Timer
 from jaxattn.typing import Int
 from jaxattn.version import VERSION
 
@@ -291,7 +292,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     """``jaxattn score``."""
     run = _run_config(args)
     progress = not args.no_progress
-    timer = Timer()
+    timer = cli_timer(args)
     ckpt = load_any_gpt2_checkpoint(args.model)
     _check_context(ckpt, run.seq_len)
     with timer.stage("load"):
@@ -322,6 +323,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     doc = scores_document(scores, ckpt, _provenance(args, ckpt, (corpus, eval_corpus), ids))
     doc["timings_seconds"] = dict(timer.seconds)
     write_json(out / "scores.json", doc)
+    report = write_score_report(out, doc)
     plot_head_scores(out / "head_scores.png", scores, _layout_by_head(ckpt))
     print(f"model: {args.model} ({doc['model']['blocks']} blocks x {doc['model']['heads']} heads); "
           f"scored on {eval_corpus.source}: {run.num_seqs} sequences of {run.seq_len} tokens")  # fmt: skip
@@ -332,5 +334,5 @@ def cmd_score(args: argparse.Namespace) -> int:
         print()
         print(f"layout heads whose own (n, s) scored best: {match['own_best']} of {match['heads']}")
     print()
-    print(f"wrote: {out / 'scores.json'}, {out / 'head_scores.png'}")
+    print(f"wrote: {out / 'scores.json'}, {out / 'head_scores.png'}" + (f", {report}" if report else ""))
     return 0

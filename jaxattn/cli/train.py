@@ -25,6 +25,7 @@ import numpy as np
 from jaxattn import options
 from jaxattn.cli.common import (
     add_common_arguments,
+    cli_timer,
     load_and_prepare,
     non_negative_int,
     option_knobs,
@@ -127,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args, resumed.train_config if resumed else None)
     out = ensure_out_dir(args.out)
     progress = not args.no_progress
-    timer = Timer()
+    timer = cli_timer(args)
     prep, _ = load_and_prepare(args, run, timer=timer, progress=progress)
     data_key = run_key(run.seed, "train-data")
     info: dict[str, Any] = {

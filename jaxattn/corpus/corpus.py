@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jaxattn.corpus.sources import BUILTIN_SOURCE, Document, read_documents
+from jaxattn.corpus.builtin import BUILTIN_SOURCE
+from jaxattn.corpus.document import Document
+from jaxattn.corpus.formats import DocumentStats
+from jaxattn.corpus.sources import read_documents
 from jaxattn.corpus.tokenizer import UNK, Tokenizer, build_tokenizer, encode_raw, unknown_tokens_message
 from jaxattn.errors import JaxattnError
 from jaxattn.typing import Int
@@ -156,12 +159,10 @@ class Corpus:
 
 
 def _docs_sha256(docs: Iterable[Document]) -> str:
-    h = hashlib.sha256()
+    stats = DocumentStats()  # the digest jaxattn count computes on the fly
     for d in docs:
-        for part in (d.name.encode("utf-8", "surrogatepass"), d.text.encode("utf-8", "surrogatepass")):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-    return h.hexdigest()
+        stats.update(d.name, d.text)
+    return stats.hexdigest()
 
 
 def corpus_from_documents(docs: Sequence[Document], tokenizer: Tokenizer, *, source: str) -> Corpus:

@@ -1,6 +1,6 @@
 """Reading text files, directories, globs and the built-in corpus into documents.
 
-Sources (:func:`read_documents`):
+Sources (:func:`read_documents`; :func:`iter_documents` reads them lazily, document by document):
 
 * a text file (one document),
 * a directory: every regular, non-hidden file below it, recursively, whose name
@@ -13,6 +13,8 @@ Sources (:func:`read_documents`):
   matching file, whatever its extension, sorted (a matching directory
   contributes its files under the directory rule),
 * an explicit file path: that file, whatever its extension,
+* wherever a file comes from, a ``*.jsonl``/``*.ndjson`` (JSON Lines) or ``*.parquet`` file gives
+  one document per record (:mod:`jaxattn.corpus.formats`),
 * ``None``: the built-in default corpus, the docstrings of Python's own standard
   library, parsed with :mod:`ast` at run time (:func:`default_documents`).
 
@@ -31,33 +33,30 @@ Text handling, chosen so that reading never raises on odd bytes:
 
 from __future__ import annotations
 
-import ast
 import codecs
 import dataclasses
 import glob
-import numbers
 import os
 import re
-import sysconfig
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+from jaxattn.corpus.builtin import default_documents
+from jaxattn.corpus.document import Document
+from jaxattn.corpus.formats import iter_records, record_format
 from jaxattn.errors import JaxattnError
 from jaxattn.progress import progress_iter
 
 __all__ = [
     "BINARY_SNIFF_BYTES",
-    "BUILTIN_SOURCE",
     "PROGRESS_MIN_FILES",
     "TEXT_EXTENSIONS",
-    "Document",
-    "default_documents",
+    "CorpusFiles",
     "directory_glob",
+    "find_corpus_files",
+    "iter_documents",
     "read_documents",
 ]
-
-BUILTIN_SOURCE = "builtin:stdlib-docstrings"
-"""``Corpus.source`` of the built-in default corpus."""
 
 BINARY_SNIFF_BYTES = 8192
 """A file whose first this many bytes hold a NUL byte is binary."""
@@ -69,22 +68,6 @@ TEXT_EXTENSIONS = (".txt", ".text")
 """A directory contributes the files whose name ends in one of these (case-insensitive)."""
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")
-_STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
-_DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    """One document of a corpus.
-
-    Attributes:
-        name: path relative to the root that was read (POSIX separators), or a
-            label such as ``"json/__init__.py"`` for the built-in corpus.
-        text: the decoded text.
-    """
-
-    name: str
-    text: str
 
 
 # --------------------------------------------------------------------------- #
@@ -236,40 +219,131 @@ def _find_files(raw: str, skipped: list[str]) -> tuple[str, list[str], str]:
     return root, files, mode
 
 
-def _read_named_files(
-    named: list[tuple[str, str]], raw: str, mode: str, progress: bool
-) -> tuple[list[Document], list[str]]:
-    """Reads ``(name, file)`` pairs: ``(documents, names of files whose bytes were replaced)``.
+def _file_documents(name: str, f: str, mode: str, raw: str) -> Iterator[tuple[Document, bool]] | None:
+    """``(document, whether bytes were replaced)`` of one file: its records (JSON Lines, Parquet), else
+    its text; None when it is binary.
 
-    Binary and empty files are skipped (a single binary file is an error); if no
-    document is left the error says what was skipped.
+    Raises:
+        JaxattnError: an unreadable file, a bad record, or a single binary file (``mode == "file"``).
     """
-    docs: list[Document] = []
-    n_binary = n_empty = 0
-    replaced: list[str] = []
+    if record_format(f) is not None:
+        return ((Document(name=n, text=t), False) for n, t in iter_records(f, name))
+    data = _read_file(f)
+    if data is None:
+        if mode == "file":
+            raise JaxattnError(f"not a text file (NUL bytes in its first 8 KiB): {raw}")
+        return None
+    text, bad = _decode(data)
+    return iter([(Document(name=name, text=text), bad)] if text else [])
+
+
+def _iter_named_files(
+    named: Sequence[tuple[str, str]], raw: str, mode: str, progress: bool, replaced: list[str], allow_empty: bool
+) -> Iterator[Document]:
+    """Reads ``(name, file)`` pairs lazily, document by document.
+
+    Binary and empty files (and empty records) are skipped (a single binary file is an error);
+    the names of documents whose bytes were replaced go to ``replaced``. If no document is left,
+    the error says what was skipped (unless ``allow_empty``).
+    """
+    n_docs = n_binary = n_empty = 0
     show = progress and len(named) >= PROGRESS_MIN_FILES
     for name, f in progress_iter(named, desc="reading corpus", enabled=show, total=len(named)):
-        data = _read_file(f)
-        if data is None:
-            if mode == "file":
-                raise JaxattnError(f"not a text file (NUL bytes in its first 8 KiB): {raw}")
+        docs = _file_documents(name, f, mode, raw)
+        if docs is None:
             n_binary += 1
             continue
-        text, bad = _decode(data)
-        if not text:
-            n_empty += 1
-            continue
-        if bad:
-            replaced.append(name)
-        docs.append(Document(name=name, text=text))
-
-    if not docs:
+        before = n_docs
+        for d, bad in docs:
+            if not d.text:
+                continue
+            if bad:
+                replaced.append(d.name)
+            n_docs += 1
+            yield d
+        n_empty += n_docs == before
+    if not n_docs and not allow_empty:
         if n_empty:
             skipped = f"; {n_binary} binary file(s) skipped" if n_binary else ""
             raise JaxattnError(f"corpus is empty: {raw} ({n_empty} empty file(s){skipped})")
         where = "in directory" if mode == "dir" else "match"
         raise JaxattnError(f"no text files {where}: {raw} ({n_binary} binary file(s) skipped)")
-    return docs, replaced
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusFiles:
+    """The files a corpus path names, in reading order (:func:`find_corpus_files`).
+
+    Attributes:
+        raw: the path or glob as given.
+        mode: ``"dir"``, ``"file"`` or ``"glob"``.
+        named: ``(name, file path)`` pairs sorted by name; a subset (e.g. one process's share)
+            may be taken with ``dataclasses.replace``.
+        skipped: names of the files a directory holds that the extension rule leaves out.
+    """
+
+    raw: str
+    mode: str
+    named: tuple[tuple[str, str], ...]
+    skipped: tuple[str, ...] = ()
+
+    def sizes(self) -> list[int]:
+        """Bytes of each file, in order."""
+        return [os.path.getsize(f) for _, f in self.named]
+
+
+def find_corpus_files(path: str | os.PathLike[str]) -> CorpusFiles:
+    """The files of a file, directory or glob path, sorted by name (see :func:`read_documents`).
+
+    Raises:
+        JaxattnError: no such path, a glob that matches nothing, or no text files.
+    """
+    raw = os.fspath(path)
+    if not isinstance(raw, str):
+        raise JaxattnError(f"corpus path must be text, got {raw!r}")
+    skipped: list[str] = []
+    root, files, mode = _find_files(raw, skipped)
+    named = tuple(sorted((_posix_rel(f, root), f) for f in files))
+    return CorpusFiles(raw=raw, mode=mode, named=named, skipped=tuple(sorted(skipped)))
+
+
+def iter_documents(
+    path: str | os.PathLike[str] | CorpusFiles, *, progress: bool = False, allow_empty: bool = False
+) -> Iterator[Document]:
+    """Reads a corpus lazily, one document at a time (:func:`read_documents` without the list).
+
+    A ``*.jsonl``/``*.ndjson`` or ``*.parquet`` file gives one document per record
+    (:mod:`jaxattn.corpus.formats`); any other file is one document.
+
+    Args:
+        path: a file, directory or glob, or the :class:`CorpusFiles` of one (a subset allowed).
+        progress: a progress bar over the files (16 files or more).
+        allow_empty: yield nothing instead of raising when no document is left.
+
+    Yields:
+        :class:`Document`, in name order. Warnings name skipped and non-UTF-8 files.
+
+    Raises:
+        JaxattnError: as for :func:`read_documents`.
+    """
+    return _documents(path, progress, allow_empty, stacklevel=2)
+
+
+def _documents(
+    path: str | os.PathLike[str] | CorpusFiles, progress: bool, allow_empty: bool, stacklevel: int
+) -> Iterator[Document]:
+    """:func:`iter_documents`, its warnings attributed ``stacklevel`` frames up from here."""
+    files = path if isinstance(path, CorpusFiles) else find_corpus_files(path)
+    if files.skipped:
+        warnings.warn(f"{files.raw}: {_skipped_note(list(files.skipped))}", stacklevel=stacklevel)
+    replaced: list[str] = []
+    yield from _iter_named_files(files.named, files.raw, files.mode, progress, replaced, allow_empty)
+    if replaced:
+        warnings.warn(
+            f"{len(replaced)} file(s) in {files.raw} are not valid UTF-8 (first: {replaced[0]}); "
+            "undecodable bytes were replaced by U+FFFD",
+            stacklevel=stacklevel,
+        )
 
 
 def read_documents(path: str | os.PathLike[str] | None = None, *, progress: bool = True) -> list[Document]:
@@ -280,13 +354,15 @@ def read_documents(path: str | os.PathLike[str] | None = None, *, progress: bool
             named ``*.txt`` or ``*.text``, recursively; a warning names the other
             files, which are skipped), a glob pattern (``**`` allowed; every
             matching file, any name), or None for the built-in default corpus
-            (:func:`default_documents`). ``~`` is expanded.
+            (:func:`default_documents`). ``~`` is expanded. A JSON Lines
+            (``*.jsonl``, ``*.ndjson``) or Parquet (``*.parquet``) file gives one
+            document per record (see :mod:`jaxattn.corpus.formats`).
         progress: show a progress bar on stderr (only with 16 files or more).
 
     Returns:
         The documents sorted by name; names are paths relative to the given
         directory (for a glob: to its directory part before the first wildcard;
-        for a file: its base name). Empty files are left out.
+        for a file: its base name; for a record: ``NAME:LINE``). Empty files are left out.
 
     Raises:
         JaxattnError: no such path, a glob that matches nothing, no text files,
@@ -295,144 +371,4 @@ def read_documents(path: str | os.PathLike[str] | None = None, *, progress: bool
     """
     if path is None:
         return default_documents(progress=progress)
-    raw = os.fspath(path)
-    if not isinstance(raw, str):
-        raise JaxattnError(f"corpus path must be text, got {raw!r}")
-    skipped: list[str] = []
-    root, files, mode = _find_files(raw, skipped)
-    named = sorted((_posix_rel(f, root), f) for f in files)
-    docs, replaced = _read_named_files(named, raw, mode, progress)
-    if skipped:
-        warnings.warn(f"{raw}: {_skipped_note(sorted(skipped))}", stacklevel=2)
-    if replaced:
-        warnings.warn(
-            f"{len(replaced)} file(s) in {raw} are not valid UTF-8 (first: {replaced[0]}); "
-            "undecodable bytes were replaced by U+FFFD",
-            stacklevel=2,
-        )
-    return docs
-
-
-# --------------------------------------------------------------------------- #
-# Built-in default corpus: the standard library's docstrings
-# --------------------------------------------------------------------------- #
-
-
-def _stdlib_files(root: str) -> list[tuple[str, str]]:
-    """(relative POSIX path, full path) of the stdlib's ``.py`` files, sorted, test trees skipped."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(".")]
-        for fn in filenames:
-            if fn.endswith(".py") and not fn.startswith("."):
-                full = os.path.join(dirpath, fn)
-                out.append((_posix_rel(full, root), full))
-    out.sort()
-    return out
-
-
-def _collect_docstrings(body: Sequence[ast.AST], out: list[str]) -> None:
-    """Docstrings of the classes and functions in ``body``, in source order (depth first)."""
-    for st in body:
-        if isinstance(st, _DEFS):
-            doc = ast.get_docstring(st)
-            if doc:
-                out.append(doc)
-            _collect_docstrings(st.body, out)
-        else:  # defs nested in if / try / with / for bodies
-            for field in ("body", "orelse", "finalbody", "handlers"):
-                sub = getattr(st, field, None)
-                if isinstance(sub, list):
-                    _collect_docstrings(sub, out)
-
-
-def _module_docstrings(source: bytes) -> str | None:
-    """All docstrings of one module joined by blank lines; None if it does not parse."""
-    import gc
-
-    gc_was_on = gc.isenabled()
-    gc.disable()  # parsing allocates many objects; the cyclic GC only slows it down here
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-    finally:
-        if gc_was_on:
-            gc.enable()
-    parts: list[str] = []
-    doc = ast.get_docstring(tree)
-    if doc:
-        parts.append(doc)
-    _collect_docstrings(tree.body, parts)
-    return "\n\n".join(parts)
-
-
-_DEFAULT_CACHE: dict[tuple[str, int], tuple[Document, ...]] = {}
-
-
-def _default_documents_cached(root: str, max_chars: int, progress: bool) -> tuple[Document, ...]:
-    key = (root, max_chars)
-    if key not in _DEFAULT_CACHE:
-        if len(_DEFAULT_CACHE) >= 4:
-            _DEFAULT_CACHE.clear()
-        _DEFAULT_CACHE[key] = tuple(_default_documents_uncached(root, max_chars, progress))
-    return _DEFAULT_CACHE[key]
-
-
-def _default_documents_uncached(root: str, max_chars: int, progress: bool) -> list[Document]:
-    if not os.path.isdir(root):
-        raise JaxattnError(f"built-in corpus unavailable: no standard library sources at {root}; pass a corpus path")
-    files = _stdlib_files(root)
-    docs: list[Document] = []
-    total = 0
-    for name, full in progress_iter(files, desc="reading stdlib docstrings", enabled=progress, total=len(files)):
-        if total >= max_chars:
-            break
-        try:
-            with open(full, "rb") as f:
-                source = f.read()
-        except OSError:
-            continue
-        text = _module_docstrings(source)
-        if not text:
-            continue
-        text = text[: max_chars - total]
-        docs.append(Document(name=name, text=text))
-        total += len(text)
-    if not docs:
-        raise JaxattnError(f"built-in corpus unavailable: no docstrings found under {root}; pass a corpus path")
-    return docs
-
-
-def default_documents(*, max_chars: int = 3_000_000, progress: bool = True) -> list[Document]:
-    """The built-in default corpus: docstrings of Python's standard library.
-
-    Walks ``sysconfig.get_paths()["stdlib"]`` in sorted relative-path order,
-    parses each ``.py`` file with :mod:`ast` (nothing is imported), and makes
-    one document per module holding its module, class and function docstrings
-    (``ast.get_docstring``, cleaned) in source order, joined by blank lines.
-    ``test``/``tests``/``idlelib``/``site-packages`` trees, files that do not
-    parse and modules without docstrings are skipped. Reading stops once
-    ``max_chars`` characters are collected (the last document is cut).
-
-    The result depends only on the Python installation (CPython 3.11 gives
-    about 1.7 M characters from ~600 modules, in about 3 s); it is memoised per
-    process.
-
-    Args:
-        max_chars: upper bound on the total number of characters.
-        progress: show a progress bar on stderr.
-
-    Returns:
-        The documents, named by module path relative to the stdlib (e.g.
-        ``"json/__init__.py"``).
-
-    Raises:
-        JaxattnError: bad ``max_chars``, or no standard library sources.
-    """
-    if isinstance(max_chars, bool) or not isinstance(max_chars, numbers.Integral) or max_chars < 1:
-        raise JaxattnError(f"max_chars must be a positive integer, got {max_chars!r}")
-    root = sysconfig.get_paths()["stdlib"]
-    return list(_default_documents_cached(root, int(max_chars), bool(progress)))
+    return list(_documents(path, progress, False, stacklevel=3))

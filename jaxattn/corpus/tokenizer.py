@@ -31,13 +31,13 @@ import dataclasses
 import functools
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from jaxattn.corpus.sources import Document
+from jaxattn.corpus.document import Document
 from jaxattn.errors import JaxattnError
 from jaxattn.typing import Int
 
@@ -46,6 +46,7 @@ __all__ = [
     "TOKENIZER_KINDS",
     "UNK",
     "Tokenizer",
+    "TypeCounts",
     "build_tokenizer",
     "encode_raw",
     "unknown_tokens_message",
@@ -311,19 +312,103 @@ def _parse_ids(text: str, *, what: str) -> npt.NDArray[np.int64]:
     return vals
 
 
-def _char_tokenizer(docs: list[Document], max_vocab: int | None) -> Tokenizer:
-    """Char vocabulary sorted by code point; the ``max_vocab`` most frequent plus ``<unk>`` when capped."""
-    counts = np.zeros(0, dtype=np.int64)
-    for d in docs:
-        cps = np.frombuffer(d.text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-        if cps.size == 0:
-            continue
-        c = np.bincount(cps)
-        if c.size > counts.size:
-            c[: counts.size] += counts
-            counts = c
+class TypeCounts:
+    """Token-type counts gathered in one streaming pass, from which :func:`build_tokenizer`'s vocabulary follows.
+
+    ``TypeCounts(kind)``, then :meth:`update` with each document's text, then :meth:`tokenizer`
+    gives exactly the tokenizer :func:`build_tokenizer` builds on the same documents. Counts from
+    several passes (or processes) add up with :meth:`merge` or via :meth:`to_dict` / :meth:`from_dict`.
+
+    Attributes:
+        kind: ``"char"``, ``"word"`` or ``"ids"``.
+        lowercase: word level: lowercase before splitting.
+    """
+
+    def __init__(self, kind: str = "char", *, lowercase: bool = False) -> None:
+        if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
+            raise JaxattnError(f"unknown tokenizer {kind!r}; expected one of: {', '.join(TOKENIZER_KINDS)}")
+        self.kind, self.lowercase = kind, bool(lowercase)
+        self._chars = np.zeros(0, np.int64)  # char: count per code point
+        self._words: collections.Counter[str] = collections.Counter()  # word: count per token
+        self._max_id = -1  # ids: the largest id
+
+    def update(self, text: str, name: str = "text") -> None:
+        """Adds one document's tokens (``name`` is used in the error for bad ids)."""
+        if self.kind == "char":
+            cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+            if cps.size:
+                self._add_chars(np.bincount(cps))
+        elif self.kind == "word":
+            self._words.update(_WORD_RE.findall(text.lower() if self.lowercase else text))
         else:
-            counts[: c.size] += c
+            v = _parse_ids(text, what=f"document {name!r}")
+            if v.size:
+                self._max_id = max(self._max_id, int(v.max()))
+
+    def _add_chars(self, c: np.ndarray) -> None:
+        c = c.astype(np.int64, copy=False)
+        if c.size > self._chars.size:
+            c = c.copy()
+            c[: self._chars.size] += self._chars
+            self._chars = c
+        else:
+            self._chars[: c.size] += c
+
+    def to_dict(self) -> dict[str, int]:
+        """``{token: count}`` (ids level: ``{str(max id): 1}``), for sums across processes."""
+        if self.kind == "char":
+            seen = np.flatnonzero(self._chars)
+            return {chr(int(c)): int(self._chars[c]) for c in seen}
+        if self.kind == "word":
+            return dict(self._words)
+        return {} if self._max_id < 0 else {str(self._max_id): 1}
+
+    @classmethod
+    def from_dict(cls, counts: Mapping[str, int], kind: str, *, lowercase: bool = False) -> TypeCounts:
+        """Inverse of :meth:`to_dict` (the sum of several, for ``kind="ids"`` the max id is kept)."""
+        out = cls(kind, lowercase=lowercase)
+        if kind == "char" and counts:
+            cps = np.array([ord(t) for t in counts], np.int64)
+            c = np.zeros(int(cps.max()) + 1, np.int64)
+            c[cps] = np.array([int(v) for v in counts.values()], np.int64)
+            out._add_chars(c)
+        elif kind == "word":
+            out._words.update({t: int(v) for t, v in counts.items() if int(v)})
+        elif counts:
+            out._max_id = max(int(t) for t in counts)
+        return out
+
+    def merge(self, other: TypeCounts) -> None:
+        """Adds another pass's counts (same kind)."""
+        self._add_chars(other._chars)
+        self._words.update(other._words)
+        self._max_id = max(self._max_id, other._max_id)
+
+    def tokenizer(self, max_vocab: int | None = None) -> Tokenizer:
+        """The tokenizer of these counts (see :func:`build_tokenizer` for the rules).
+
+        Raises:
+            JaxattnError: bad ``max_vocab``, or no tokens at all.
+        """
+        _check_max_vocab(max_vocab)
+        if self.kind == "char":
+            return _char_tokenizer(self._chars, max_vocab)
+        if self.kind == "word":
+            return _word_tokenizer(self._words, max_vocab, self.lowercase)
+        if self._max_id < 0:
+            raise JaxattnError("cannot build an ids tokenizer: the documents hold no ids")
+        return Tokenizer(kind="ids", vocab=tuple(str(i) for i in range(self._max_id + 1)))
+
+
+def _check_max_vocab(max_vocab: Any) -> None:
+    if max_vocab is not None and (
+        isinstance(max_vocab, bool) or not isinstance(max_vocab, numbers.Integral) or max_vocab < 1
+    ):
+        raise JaxattnError(f"max_vocab must be a positive integer, got {max_vocab!r}")
+
+
+def _char_tokenizer(counts: np.ndarray, max_vocab: int | None) -> Tokenizer:
+    """Char vocabulary sorted by code point; the ``max_vocab`` most frequent plus ``<unk>`` when capped."""
     seen = np.flatnonzero(counts)
     if seen.size == 0:
         raise JaxattnError("cannot build a tokenizer: the documents hold no text")
@@ -337,29 +422,14 @@ def _char_tokenizer(docs: list[Document], max_vocab: int | None) -> Tokenizer:
     return Tokenizer(kind="char", vocab=vocab, unk_id=unk_id)
 
 
-def _word_tokenizer(docs: list[Document], max_vocab: int | None, lowercase: bool) -> Tokenizer:
+def _word_tokenizer(counter: collections.Counter[str], max_vocab: int | None, lowercase: bool) -> Tokenizer:
     """Word vocabulary in frequency-rank order (ties by token string), then ``<unk>``."""
     k = DEFAULT_WORD_VOCAB if max_vocab is None else int(max_vocab)
-    counter: collections.Counter[str] = collections.Counter()
-    for d in docs:
-        counter.update(_WORD_RE.findall(d.text.lower() if lowercase else d.text))
     if not counter:
         raise JaxattnError("cannot build a word tokenizer: the documents hold no word or punctuation tokens")
     ranked = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
     vocab = tuple(t for t, _ in ranked) + (UNK,)
     return Tokenizer(kind="word", vocab=vocab, unk_id=len(vocab) - 1, lowercase=bool(lowercase))
-
-
-def _ids_tokenizer(docs: list[Document]) -> Tokenizer:
-    """Ids vocabulary ``("0", ..., str(max id))``."""
-    hi = -1
-    for d in docs:
-        v = _parse_ids(d.text, what=f"document {d.name!r}")
-        if v.size:
-            hi = max(hi, int(v.max()))
-    if hi < 0:
-        raise JaxattnError("cannot build an ids tokenizer: the documents hold no ids")
-    return Tokenizer(kind="ids", vocab=tuple(str(i) for i in range(hi + 1)))
 
 
 def build_tokenizer(
@@ -386,15 +456,8 @@ def build_tokenizer(
     Raises:
         JaxattnError: unknown kind, bad ``max_vocab``, or no tokens at all.
     """
-    if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
-        raise JaxattnError(f"unknown tokenizer {kind!r}; expected one of: {', '.join(TOKENIZER_KINDS)}")
-    if max_vocab is not None and (
-        isinstance(max_vocab, bool) or not isinstance(max_vocab, numbers.Integral) or max_vocab < 1
-    ):
-        raise JaxattnError(f"max_vocab must be a positive integer, got {max_vocab!r}")
-    docs = list(docs)
-    if kind == "char":
-        return _char_tokenizer(docs, max_vocab)
-    if kind == "word":
-        return _word_tokenizer(docs, max_vocab, lowercase)
-    return _ids_tokenizer(docs)
+    counts = TypeCounts(kind, lowercase=lowercase)
+    _check_max_vocab(max_vocab)
+    for d in docs:
+        counts.update(d.text, d.name)
+    return counts.tokenizer(max_vocab)

@@ -11,6 +11,12 @@ shard sorts its windows (``lax.sort`` on the n+1 token columns) into unique rows
 the host merges the D sorted lists. Integer sums are associative, so the result is the
 single-device count (:func:`jaxattn.counts.kernels.count_keys`), bit for bit.
 
+In a multi-process run (``jax.distributed``) the mesh must span every process and each process
+passes the same whole corpus: each places only its own devices' shards, reads only addressable
+shards, and the sorted lists are merged across processes with
+:func:`jaxattn.counts.distributed.allreduce_sorted`. To have each process read only its own share
+of the corpus, count locally and reduce with :func:`jaxattn.counts.distributed.allreduce_keyed`.
+
 The mesh may have several axes; by default the corpus is split over all of them. The metrics half
 (:func:`jaxattn.alignment.sharded_layer_head_metrics`) lives in :mod:`jaxattn.alignment.sharded`.
 """
@@ -27,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxattn.counts.distributed import allreduce_sorted
 from jaxattn.counts.kernels import DENSE_BINS_MAX, MAX_WINDOWS_PER_LAUNCH
 from jaxattn.counts.keys import key_dtype, shrink_counts
 from jaxattn.errors import JaxattnError
@@ -144,7 +151,38 @@ def _shard_inputs(
     g = np.full(nd * chunk, -1, np.int32)  # padding never matches a real segment
     g[:length] = 0 if seg is None else seg
     sharding = NamedSharding(mesh, P(_axes(mesh)))
-    return jax.device_put(t, sharding), jax.device_put(g, sharding), chunk
+    # Each process places only its own devices' shards (no cross-process check of the whole array).
+    return _place(t, sharding), _place(g, sharding), chunk
+
+
+def _place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from the host copy, transferring only this process's addressable shards."""
+    if jax.process_count() == 1:
+        return jax.device_put(host, sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _local_value(x: jax.Array) -> np.ndarray:
+    """A replicated global array's value, read from this process's first shard."""
+    return np.asarray(x.addressable_data(0))
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """The addressable shards of a ``P(axes)``-sharded [D * C] array, concatenated: this process's windows."""
+    return np.concatenate([np.asarray(sh.data) for sh in x.addressable_shards])
+
+
+def _check_mesh_processes(mesh: Mesh) -> None:
+    """In a multi-process run, the mesh must include devices of every process (each runs the same program)."""
+    count = jax.process_count()
+    if count == 1:
+        return
+    procs = {int(d.process_index) for d in mesh.devices.flat}
+    if procs != set(range(count)):
+        raise JaxattnError(
+            f"the mesh spans processes {sorted(procs)} of {count}: in a multi-process run it must include "
+            f"devices of every process (use jax.devices(), or count per process with jaxattn.counts.distributed)"
+        )
 
 
 def _merge_sorted(parts: list[tuple[np.ndarray, np.ndarray]], dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +224,7 @@ def sharded_count_keys(
     if length - span <= 0:
         return np.zeros(0, dt), np.zeros(0, np.int32)
     nd = int(mesh.devices.size)
+    _check_mesh_processes(mesh)
     dense = vocab_size ** (n + 1) <= DENSE_BINS_MAX
     if not dense and vocab_size >= np.iinfo(np.int32).max:
         raise JaxattnError(f"vocab_size={vocab_size} is too large for int32 token columns")
@@ -197,10 +236,12 @@ def sharded_count_keys(
         t_dev, g_dev, chunk = _shard_inputs(tok[start:stop], None if seg is None else seg[start:stop], span, nd, mesh)
         piece_len = jnp.int32(stop - start)
         if dense:
-            counts = np.asarray(_dense_fn(mesh, n, s, vocab_size, chunk)(t_dev, g_dev, piece_len)).astype(np.int64)
+            counts = _local_value(_dense_fn(mesh, n, s, vocab_size, chunk)(t_dev, g_dev, piece_len)).astype(np.int64)
             total = counts if total is None else total + counts
         else:
-            *heads, counts = (np.asarray(a) for a in _sorted_fn(mesh, n, s, vocab_size, chunk)(t_dev, g_dev, piece_len))
+            *heads, counts = (
+                _local_rows(a) for a in _sorted_fn(mesh, n, s, vocab_size, chunk)(t_dev, g_dev, piece_len)
+            )
             keep = (counts > 0) & (heads[0] < vocab_size)
             key = np.zeros(int(keep.sum()), dt)
             for h in heads:
@@ -211,4 +252,6 @@ def sharded_count_keys(
         keys = np.flatnonzero(total)
         return keys.astype(dt), shrink_counts(total[keys])
     keys, vals = _merge_sorted(parts, dt)
-    return keys, shrink_counts(vals)
+    if jax.process_count() > 1:  # each process merged the windows of its own devices: merge across processes
+        keys, vals = allreduce_sorted(keys, vals)
+    return keys.astype(dt, copy=False), shrink_counts(vals)

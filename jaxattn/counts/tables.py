@@ -44,6 +44,7 @@ __all__ = [
     "dense_budget",
     "manifold_matrix",
     "probability_matrix",
+    "tables_from_keys",
     "validate_tokens",
 ]
 
@@ -327,6 +328,44 @@ def _no_window_error(n: int, s: int, tokens: Any, doc_ids: Any) -> JaxattnError:
         f"corpus too short for n={n}, s={s}: a window needs n+s+1={n + s + 1} tokens in one "
         f"document, the longest document has {longest}"
     )
+
+
+def tables_from_keys(
+    keyed: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
+    vocab_size: int,
+    max_dense_bytes: int | None = None,
+    *,
+    longest_doc: int | None = None,
+    consume: bool = False,
+) -> dict[tuple[int, int], CountMatrix]:
+    """Turns sorted unique keys and counts into tables, as :func:`count_tables` does at its end.
+
+    Args:
+        keyed: ``{(n, s): (keys [Z], counts [Z])}``: sorted unique packed ``(context, target)``
+            keys (``key_dtype(V, n)``) and their positive counts (int32, or int64 over int32).
+        vocab_size: V.
+        max_dense_bytes: budget for the dense counts of every table.
+        longest_doc: the longest document's length, named by the error for a table without windows.
+        consume: remove each entry from ``keyed`` once its table is built, so that the peak memory
+            is the tables plus one keyed table, not plus all of them.
+
+    Returns:
+        ``{(n, s): CountMatrix}``, in ``(n, s)`` order.
+
+    Raises:
+        JaxattnError: a table without windows (the first in ``(n, s)`` order), as :func:`count_tables`.
+    """
+    out: dict[tuple[int, int], CountMatrix] = {}
+    for n, s in sorted(keyed):
+        keys, vals = keyed.pop((n, s)) if consume else keyed[(n, s)]
+        if vals.size == 0:
+            longest = "?" if longest_doc is None else str(int(longest_doc))
+            raise JaxattnError(
+                f"corpus too short for n={n}, s={s}: a window needs n+s+1={n + s + 1} tokens in one "
+                f"document, the longest document has {longest}"
+            )
+        out[(n, s)] = _from_keys(keys, vals, int(n), int(s), int(vocab_size), max_dense_bytes)
+    return out
 
 
 def _longest_segment(length: int, seg: np.ndarray | None) -> int:

@@ -7,7 +7,9 @@ Outside the pure core: these modules only read results.
 * :mod:`~jaxattn.output.plots`: the figures (matplotlib);
 * :mod:`~jaxattn.output.documents`: the ``metrics.json`` document and its provenance;
 * :mod:`~jaxattn.output.artefacts`: saved count tables, weights and embeddings (safetensors + JSON);
-* :mod:`~jaxattn.output.hf`: the HuggingFace GPT-2 export (``jaxattn export``).
+* :mod:`~jaxattn.output.hf`: the HuggingFace GPT-2 export (``jaxattn export``);
+* :mod:`~jaxattn.output.html_report`: ``report.html``, one self-contained page per run (its data:
+  :mod:`~jaxattn.output.html_data`; its template, script and style: ``templates/``).
 """
 
 from jaxattn.output.artefacts import (
@@ -37,12 +39,22 @@ from jaxattn.output.hf import (
     save_gpt2_checkpoint,
     vocab_from_tokenizer,
 )
+from jaxattn.output.html_report import (
+    REPORT_NAME,
+    read_report_data,
+    render_html,
+    report_data,
+    report_job,
+    write_report,
+    write_score_report,
+)
 
 __all__ = [
     "DEFAULT_N_POSITIONS",
     "FORMAT_VERSION",
     "GPT2_FILES",
     "GPT2Checkpoint",
+    "REPORT_NAME",
     "artefact_info",
     "atomic_open",
     "check_gpt2_config",
@@ -60,10 +72,16 @@ __all__ = [
     "load_tables",
     "metrics_document",
     "params_from_gpt2",
+    "read_report_data",
+    "render_html",
+    "report_data",
+    "report_job",
     "save_embeddings",
     "save_gpt2_checkpoint",
     "save_params",
     "save_tables",
     "vocab_from_tokenizer",
     "write_json",
+    "write_report",
+    "write_score_report",
 ]

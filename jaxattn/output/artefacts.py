@@ -54,8 +54,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
+from safetensors import safe_open
 
 from jaxattn.counts import CountMatrix, key_dtype, pack_ngrams
 from jaxattn.errors import JaxattnError
@@ -98,28 +97,62 @@ def _save_artefact(
     arr_path, json_path = _paths(out, kind)
     # safetensors wants C-contiguous numpy arrays; jax arrays are copied to host here.
     host = {name: np.ascontiguousarray(np.asarray(a)) for name, a in arrays.items()}
-    try:
-        blob = st_save(host, metadata={"format": f"jaxattn.{kind}", "version": str(FORMAT_VERSION)})
-    except Exception as e:  # unsupported dtypes (e.g. bfloat16 in numpy) surface here
-        raise JaxattnError(f"cannot save {kind} arrays in safetensors format: {e}") from None
+    header = _safetensors_header(host, {"format": f"jaxattn.{kind}", "version": str(FORMAT_VERSION)}, kind)
     doc = {
         "format": f"jaxattn.{kind}",
         "version": FORMAT_VERSION,
         "jaxattn_version": VERSION,
         "arrays_file": arr_path.name,
-        "sha256": hashlib.sha256(blob).hexdigest(),
+        "sha256": "",
         "arrays": {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in host.items()},
         **sidecar,
     }
     try:  # before touching the disk: numpy scalars become numbers, non-finite floats null
-        text = json.dumps(jsonable(doc, strict=True), indent=1, allow_nan=False) + "\n"
+        json.dumps(jsonable(doc, strict=True), allow_nan=False)
     except (TypeError, ValueError) as e:
         raise JaxattnError(f"cannot save {kind}: the metadata is not JSON-able ({e})") from None
+    digest = hashlib.sha256()
     with atomic_open(arr_path, "wb") as f:
-        f.write(blob)
+        # Streamed, array by array: the file is never held in memory a second time (word-level
+        # tables are gigabytes).
+        digest.update(header)
+        f.write(header)
+        for name in sorted(host):
+            raw = host[name].reshape(-1).view(np.uint8)
+            digest.update(raw.data)
+            f.write(raw.data)
+    doc["sha256"] = digest.hexdigest()
+    text = json.dumps(jsonable(doc, strict=True), indent=1, allow_nan=False) + "\n"
     with atomic_open(json_path, "w") as f:  # last: its presence marks a complete artefact
         f.write(text)
     return out
+
+
+#: numpy dtype -> safetensors dtype name.
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
+    "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+
+def _safetensors_header(host: Mapping[str, np.ndarray], metadata: dict[str, str], kind: str) -> bytes:
+    """The safetensors header (8-byte little-endian length, then JSON) for ``host`` written in name order.
+
+    Raises:
+        JaxattnError: a dtype safetensors has no name for here (e.g. bfloat16).
+    """
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in sorted(host):
+        a = host[name]
+        code = _ST_DTYPES.get(a.dtype.name)
+        if code is None or a.dtype.byteorder == ">":
+            raise JaxattnError(f"cannot save {kind} arrays in safetensors format: array {name!r} has dtype {a.dtype}")
+        entries[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)  # the data starts 8-byte aligned
+    return len(body).to_bytes(8, "little") + body
 
 
 def artefact_info(directory: str | os.PathLike[str], kind: str) -> dict[str, Any]:
@@ -168,14 +201,19 @@ def _load_artefact(directory: str | os.PathLike[str], kind: str) -> tuple[dict[s
     """Reads one artefact's arrays (checked against the sidecar) and its sidecar."""
     doc = artefact_info(directory, kind)
     arr_path, json_path = _paths(directory, kind)
+    # Hashed in blocks and read array by array: a large artefact is never in memory twice.
+    digest = hashlib.sha256()
     try:
-        blob = arr_path.read_bytes()
+        with open(arr_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
     except OSError as e:
         raise JaxattnError(f"cannot read {arr_path}: {e.strerror or e}") from None
-    if hashlib.sha256(blob).hexdigest() != doc["sha256"]:
+    if digest.hexdigest() != doc["sha256"]:
         raise JaxattnError(f"{arr_path} does not match the sha256 in {json_path.name} (truncated or changed on disk)")
     try:
-        arrays = st_load(blob)
+        with safe_open(str(arr_path), framework="numpy") as st:
+            arrays = {name: st.get_tensor(name) for name in st.keys()}  # noqa: SIM118  (safe_open has no __iter__)
     except Exception as e:  # safetensors raises its own error types on a bad header
         raise JaxattnError(f"cannot parse {arr_path}: {e}") from None
     want = doc["arrays"]

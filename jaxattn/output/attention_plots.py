@@ -33,6 +33,7 @@ __all__ = [
     "plot_heads",
     "pyplot",
     "save_figure",
+    "tick_text",
 ]
 
 #: The colour scalings of the attention panels (see the module docstring).
@@ -49,11 +50,15 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """Writes ``fig`` as a PNG atomically and closes it."""
+def save_figure(fig: Any, path: Path, *, tight: bool = True) -> None:
+    """Writes ``fig`` as a PNG atomically and closes it.
+
+    ``tight`` crops to the drawn extent, at the cost of a second full draw; figures laid out on a
+    fixed grid pass False.
+    """
     try:
         with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight" if tight else None)
     finally:
         pyplot().close(fig)
 
@@ -132,6 +137,12 @@ def parse_heads(text: str, num_layers: int | None = None, num_heads: int | None 
     return out
 
 
+def tick_text(token: str) -> str:
+    """A token as a tick label: escapes shown (``\\n``), and characters past U+24FF (emoji, which the
+    bundled fonts lack) as ``U+XXXX``."""
+    return "".join(c if ord(c) <= 0x24FF else f"U+{ord(c):04X}" for c in repr(str(token))[1:-1])
+
+
 def _scaled(img: np.ndarray, scaling: str) -> np.ndarray:
     """``img`` as drawn: unchanged (absolute) or each row divided by its maximum (row); NaN stays NaN."""
     if scaling not in SCALINGS:
@@ -143,16 +154,23 @@ def _scaled(img: np.ndarray, scaling: str) -> np.ndarray:
         return img / np.where(rmax > 0, rmax, 1.0)
 
 
-def _tick_labels(ax: Any, labels: list[str] | None, n: int) -> None:
+def _tick_labels(ax: Any, labels: list[str] | None, n: int, *, x: bool = True, y: bool = True) -> None:
+    """Token tick labels on the x (keys) and/or y (queries) axis; none past 64 positions or without tokens."""
     if labels is None or n > 64:
         ax.set_xticks([])
         ax.set_yticks([])
         return
     size = max(3.0, min(7.0, 240.0 / max(n, 1)))
-    ax.set_xticks(range(n))
-    ax.set_xticklabels(labels[:n], fontsize=size, rotation=90)
-    ax.set_yticks(range(n))
-    ax.set_yticklabels(labels[:n], fontsize=size)
+    # Panels of one figure show the same sequence, so only the bottom row and first column are
+    # labelled; the others get no ticks at all (thousands of unlabelled ticks cost seconds to draw).
+    if x:
+        ax.set_xticks(range(n), labels[:n], fontsize=size, rotation=90)
+    else:
+        ax.set_xticks([])
+    if y:
+        ax.set_yticks(range(n), labels[:n], fontsize=size)
+    else:
+        ax.set_yticks([])
 
 
 def _panels(actual: Any, expected: Any, mask: Any, T: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,30 +217,43 @@ def _draw_grid(
     shown = [(_scaled(e, scaling), _scaled(a, scaling)) for _, _, e, a, _ in panels]
     vmax = _vmax([x for pair in shown for x in pair], scaling)
     per_row = axes.shape[1] // 2
+    last_row = {j: (len(panels) - 1 - j) // per_row for j in range(min(per_row, len(panels)))}
     im = None
     for idx, ((layer, head, _, _, rec), pair) in enumerate(zip(panels, shown, strict=True)):
         i, j = divmod(idx, per_row)
         for k, (img, side) in enumerate(zip(pair, ("expected", "actual"), strict=True)):
             ax = axes[i, 2 * j + k]
             im = ax.imshow(img, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-            _tick_labels(ax, labels, img.shape[0])
-            ax.set_title(_head_title(layer, head, rec, side), fontsize=8)
+            _tick_labels(ax, labels, img.shape[0], x=i == last_row[j], y=j == 0 and k == 0)
+            ax.set_title(_head_title(layer, head, rec, side), fontsize=7, loc="left")
             if j == 0 and k == 0:
-                ax.set_ylabel("query position i")
+                ax.set_ylabel("query position i", fontsize=8)
+            if i == last_row[j]:
+                ax.set_xlabel("key position j", fontsize=8)
     for ax in axes.flat[len(panels) * 2 :]:
         ax.axis("off")
     if im is not None:
-        bar = fig.colorbar(im, ax=list(axes.flat), shrink=0.6, pad=0.01)
+        cax = fig.add_axes((0.955, 0.25, 0.01, 0.5))
+        bar = fig.colorbar(im, cax=cax)
         bar.set_label("attention probability" if scaling == "absolute" else "probability / row maximum")
 
 
 def _grid_figure(n: int, per_row: int) -> tuple[Any, np.ndarray]:
+    """``rows x (2 per_row)`` axes on a fixed grid (no constrained layout: it dominated the drawing time)."""
     plt = pyplot()
     per_row = max(1, min(per_row, n))
     rows = -(-n // per_row)
-    fig, axes = plt.subplots(
-        rows, 2 * per_row, figsize=(3.2 * 2 * per_row + 1.2, 3.4 * rows), squeeze=False, layout="constrained"
+    # Width ratios leave a gap between head pairs; the row gap holds the two-line panel titles.
+    ratios = [1.0, 1.0, 0.18] * per_row
+    fig = plt.figure(figsize=(2.9 * 2 * per_row + 2.0, 3.2 * rows + 1.2))
+    grid = fig.add_gridspec(
+        rows, 3 * per_row, width_ratios=ratios, left=0.05, right=0.94, bottom=0.1, top=0.9, wspace=0.06, hspace=0.4
     )
+    axes = np.empty((rows, 2 * per_row), dtype=object)
+    for i in range(rows):
+        for j in range(per_row):
+            for k in range(2):
+                axes[i, 2 * j + k] = fig.add_subplot(grid[i, 3 * j + k])
     return fig, axes
 
 
@@ -270,7 +301,7 @@ def plot_head(
     T = a.shape[-1]
     if a.shape != (T, T) or e.shape != (T, T):
         raise JaxattnError(f"plot_head wants actual and expected of shape [T, T], got {a.shape} and {e.shape}")
-    labels = [repr(str(t))[1:-1] for t in tokens][:T] if tokens is not None else None
+    labels = [tick_text(t) for t in tokens][:T] if tokens is not None else None
     ep, ap = _panels(a, e, mask, T)
     if isinstance(path_or_ax, (str, Path)):
         fig, axes = _grid_figure(1, 1)
@@ -335,11 +366,11 @@ def plot_heads(
     for l, h in chosen:
         ep, ap = _panels(a[l, h], e[l, h], None if m is None else m[l, h], T)
         panels.append((l, h, ep, ap, rec.get((l, h))))
-    labels = [repr(str(t))[1:-1] for t in tokens][:T] if tokens is not None else None
+    labels = [tick_text(t) for t in tokens][:T] if tokens is not None else None
     fig, axes = _grid_figure(len(panels), per_row)
     _draw_grid(fig, axes, panels, labels, scaling)
     fig.suptitle(title or _default_title(scaling), fontsize=10)
-    save_figure(fig, Path(path))
+    save_figure(fig, Path(path), tight=False)
     return Path(path)
 
 
@@ -391,8 +422,8 @@ def plot_expected_vs_actual(
         p = int(pi[l, h])
         ep, ap = _panels(attn[seq, l, h], expected[p, seq], mask[p, seq], T)
         panels.append((l, h, ep, ap, rec.get((l, h))))
-    labels = [repr(t)[1:-1] for t in tokens[:T]] if tokens is not None else None
+    labels = [tick_text(t) for t in tokens[:T]] if tokens is not None else None
     fig, axes = _grid_figure(len(panels), per_row)
     _draw_grid(fig, axes, panels, labels, scaling)
     fig.suptitle(title or _default_title(scaling), fontsize=10)
-    save_figure(fig, path)
+    save_figure(fig, path, tight=False)

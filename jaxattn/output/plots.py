@@ -32,6 +32,7 @@ from jaxattn.output.attention_plots import (
     plot_heads,
     pyplot,
     save_figure,
+    tick_text,
 )
 from jaxattn.progress import progress_iter
 from jaxattn.typing import ArrayLike, Float
@@ -55,6 +56,7 @@ __all__ = [
     "plot_training_curves",
     "render_figures",
     "repeated_cells",
+    "tick_text",
 ]
 
 METRIC_LABELS = {
@@ -130,16 +132,55 @@ def repeated_cells(records: list[dict[str, Any]]) -> set[tuple[int, int]]:
     Returns:
         The repeated cells (empty when the records carry no ``n``/``s``).
     """
-    seen: set[tuple[Any, Any, Any]] = set()
-    out: set[tuple[int, int]] = set()
+    return set(_repeat_sources(records))
+
+
+def _repeat_sources(records: list[dict[str, Any]]) -> dict[tuple[int, int], int]:
+    """``{(layer, head): first head of that layer with the same (n, s)}`` for every repeated cell."""
+    first: dict[tuple[Any, Any, Any], int] = {}
+    out: dict[tuple[int, int], int] = {}
     for r in sorted(records, key=lambda r: (r["layer"], r["head"])):
         if "n" not in r or "s" not in r:
             continue
         key = (r["layer"], r["n"], r["s"])
-        if key in seen:
-            out.add((r["layer"], r["head"]))
-        seen.add(key)
+        if key in first:
+            out[(r["layer"], r["head"])] = first[key]
+        else:
+            first[key] = r["head"]
     return out
+
+
+def _annotate_heatmap(ax: Any, grid: np.ndarray, sources: dict[tuple[int, int], int], lo: float, hi: float) -> None:
+    """Writes each cell's value and hatches the repeated cells (one patch per run of them in a row).
+
+    A repeated cell whose value prints the same as its source head's is left without a number: the
+    hatch says it repeats, and 108 identical labels at the seed preset cost most of the drawing time.
+    """
+    from matplotlib.patches import Rectangle
+
+    L, H = grid.shape
+    for l in range(L):
+        run_start = None
+        for h in range(H + 1):
+            repeated = (l, h) in sources
+            if run_start is not None and not repeated:
+                ax.add_patch(
+                    Rectangle(
+                        (run_start - 0.5, l - 0.5), h - run_start, 1, fill=False, hatch="///", edgecolor="0.55", lw=0
+                    )
+                )
+                run_start = None
+            if h == H:
+                break
+            if repeated and run_start is None:
+                run_start = h
+            v = grid[l, h]
+            text = format_value(v, ".2f")
+            if repeated and text == format_value(grid[l, sources[(l, h)]], ".2f"):
+                continue
+            dark = not np.isfinite(v) or (v - lo) < 0.5 * (hi - lo)
+            colour = "k" if not np.isfinite(v) else ("w" if dark else "k")
+            ax.text(h, l, text, ha="center", va="center", fontsize=6, color=colour)
 
 
 def plot_metric_heatmaps(
@@ -164,40 +205,38 @@ def plot_metric_heatmaps(
         The paths written.
     """
     plt = _plt()
-    from matplotlib.patches import Rectangle
-
     L = max(r["layer"] for r in records) + 1
     H = max(r["head"] for r in records) + 1
     ranges = ranges or metric_ranges(records)
-    repeats = repeated_cells(records)
+    sources = _repeat_sources(records)
+    repeats = set(sources)
     paths = []
     for m in METRIC_NAMES:
         grid = np.full((L, H), np.nan)
         for r in records:
             grid[r["layer"], r["head"]] = _num(r.get(m))
-        fig, ax = plt.subplots(figsize=(0.55 * H + 2.5, 0.45 * L + 1.7))
+        w, h_in = 0.55 * H + 2.5, 0.45 * L + 1.7
+        fig = plt.figure(figsize=(w, h_in))
+        # Fixed margins in inches (no tight bbox: it costs a second draw of 144 annotations).
+        ax = fig.add_axes((0.8 / w, 0.75 / h_in, 1 - 2.3 / w, 1 - 1.2 / h_in))
+        cax = fig.add_axes((1 - 1.3 / w, 0.75 / h_in, 0.18 / w, 1 - 1.2 / h_in))
         lo, hi = ranges[m]
         cmap = plt.get_cmap("magma" if m == "kl" else "viridis").with_extremes(bad="0.85")
         im = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
-        for l in range(L):
-            for h in range(H):
-                v = grid[l, h]
-                dark = not np.isfinite(v) or (v - lo) < 0.5 * (hi - lo)
-                colour = "k" if not np.isfinite(v) else ("w" if dark else "k")
-                ax.text(h, l, format_value(v, ".2f"), ha="center", va="center", fontsize=6, color=colour)
-                if (l, h) in repeats:
-                    ax.add_patch(
-                        Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.55", linewidth=0)
-                    )
-        note = f"; hatched: repeats an earlier head's (n, s) ({len(repeats)} of {L * H})" if repeats else ""
+        _annotate_heatmap(ax, grid, sources, lo, hi)
+        note = (
+            f"; hatched: repeats an earlier head's (n, s), blank when equal ({len(repeats)} of {L * H})"
+            if repeats
+            else ""
+        )
         ax.set_xlabel(f"head (s = min(head, max_s)){note}", fontsize=8)
         ax.set_ylabel("layer (n = min(layer+1, max_n))")
         ax.set_xticks(range(H))
         ax.set_yticks(range(L))
         ax.set_title(f"{METRIC_LABELS[m]} — {records[0]['option']}", fontsize=10)
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, cax=cax)
         p = out / f"{prefix}_{m}.png"
-        _save(fig, p)
+        _save(fig, p, tight=False)
         paths.append(p)
     return paths
 
@@ -303,15 +342,19 @@ def plot_embedding_similarity(
     ids = _similarity_rows(V, max_tokens if V <= max_tokens else min(max_tokens, 64), seed)  # legible labels
     sub = e[ids] / np.maximum(np.linalg.norm(e[ids], axis=1, keepdims=True), 1e-12)
     k = len(ids)
-    fig, ax = plt.subplots(figsize=(10, 9) if k > 64 else (8, 7))
+    square = max(6.0, 0.1 * k)  # about 0.1 inch per token, so that every tick label is legible
+    labels = [tick_text(vocab[i]) for i in ids] if vocab is not None else []
+    size = max(5.0, min(8.0, 0.7 * 72.0 * square / k))
+    # Fixed margins in inches, wide enough for the longest label (no tight bbox: a second draw).
+    margin = 0.35 + 0.62 * size / 72.0 * max((len(t) for t in labels), default=0)
+    width, height = margin + square + 1.5, margin + square + 0.8
+    fig = plt.figure(figsize=(width, height))
+    ax = fig.add_axes((margin / width, margin / height, square / width, square / height))
+    cax = fig.add_axes(((margin + square + 0.3) / width, margin / height, 0.2 / width, square / height))
     im = ax.imshow(sub @ sub.T, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    if vocab is not None:
-        labels = [repr(vocab[i])[1:-1] for i in ids]
-        size = max(3.0, min(8.0, 420.0 / k))
-        ax.set_xticks(range(k))
-        ax.set_xticklabels(labels, fontsize=size, rotation=90, fontfamily="monospace")
-        ax.set_yticks(range(k))
-        ax.set_yticklabels(labels, fontsize=size, fontfamily="monospace")
+    if labels:
+        ax.set_xticks(range(k), labels, fontsize=size, rotation=90, fontfamily="monospace")
+        ax.set_yticks(range(k), labels, fontsize=size, fontfamily="monospace")
     which = f"all {V} tokens" if k == V else f"{k} of {V} tokens (random sample, seed {seed}, in id order)"
     over = f"{stats['rows']} sampled rows x all tokens" if stats.get("sampled") else "all pairs"
     ax.set_title(
@@ -319,8 +362,8 @@ def plot_embedding_similarity(
         f"max |cos| {stats['offdiag_abs_max']:.3f} ({over})",
         fontsize=10,
     )
-    fig.colorbar(im, ax=ax, shrink=0.8, label="cosine")
-    _save(fig, path)
+    fig.colorbar(im, cax=cax, label="cosine")
+    _save(fig, path, tight=False)
     return stats
 
 
@@ -425,6 +468,17 @@ def plot_options_comparison(path: Path, layer_rows: list[dict[str, Any]], option
     _save(fig, path)
 
 
+def _ablation_label(row: dict[str, Any]) -> str:
+    """``seed baseline``, ``+ token block`` for a cumulative step, ``\u2212 prep block`` for a variant, the ceiling as is."""
+    name = str(row["ingredient"])
+    kind = str(row.get("kind", "step"))
+    if kind == "variant":
+        return "\u2212 " + name.lstrip("-+ ")
+    if kind == "ceiling":
+        return f"ceiling: {name}"
+    return name if row.get("step") == 0 else "+ " + name
+
+
 def plot_ablation(path: Path, rows: list[dict[str, Any]]) -> None:
     """The ablation: overall cosine / tied match per cumulative step, and per-layer tied match per step.
 
@@ -435,7 +489,7 @@ def plot_ablation(path: Path, rows: list[dict[str, Any]]) -> None:
     """
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    labels = [("" if r["step"] == 0 else "+ ") + str(r["ingredient"]) for r in rows]
+    labels = [_ablation_label(r) for r in rows]
     x = np.arange(len(rows))
     w = 0.38
     bar_specs = ((-w / 2, "cosine", "cosine", "#1f77b4"), (w / 2, "argmax_match_tied", "tied argmax", "#d62728"))
@@ -447,14 +501,21 @@ def plot_ablation(path: Path, rows: list[dict[str, Any]]) -> None:
             ax1.text(b.get_x() + b.get_width() / 2, y, format_value(v, ".2f"), ha="center", va="bottom", fontsize=7)
     ax1.set_xticks(x)
     ax1.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    ax1.set_ylim(0, 1.1)
+    ax1.set_ylim(0, 1.25)
     ax1.set_ylabel("mean over all heads")
-    ax1.legend(fontsize=8)
-    ax1.set_title("cumulative ablation (each bar adds one ingredient)", fontsize=10)
+    ax1.legend(fontsize=8, loc="upper left", ncol=2)
+    kinds = [str(r.get("kind", "step")) for r in rows]
+    for i in range(1, len(rows)):
+        if kinds[i] != kinds[i - 1]:  # a separator before the Option 3 variants and before the ceiling
+            ax1.axvline(i - 0.5, color="0.5", linestyle="--", linewidth=0.8)
+    ax1.set_title(
+        "ablation: cumulative steps, then Option 3 with one part removed (\u2212), then the ceiling", fontsize=10
+    )
+    styles = list(_OPTION_STYLES) + [("#e377c2", "*", ":"), ("#17becf", "h", "-."), ("#bcbd22", "d", "--")]
     for i, r in enumerate(rows):
         per = r.get("argmax_match_tied")
         if isinstance(per, list) and per:
-            colour, marker, ls = _OPTION_STYLES[i % len(_OPTION_STYLES)]
+            colour, marker, ls = styles[i % len(styles)]
             ax2.plot(
                 range(len(per)),
                 [_num(v) for v in per],

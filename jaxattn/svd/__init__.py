@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from jaxattn.errors import JaxattnError
-from jaxattn.svd.exact import exact_svd, exact_svd_host
+from jaxattn.svd.exact import exact_svd, exact_svd_host, one_blas_thread
 from jaxattn.svd.operators import HostSparse, as_matrix, check_finite
 from jaxattn.svd.randomized import randomized_svd
 from jaxattn.typing import Array, Float, PRNGKey
@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_OVERSAMPLE",
     "LAST_INFO",
     "auto_method",
+    "one_blas_thread",
     "truncated_svd",
 ]
 

@@ -16,6 +16,7 @@ Axis vocabulary: R rows and V columns of ``M``, k the number of singular triplet
 from __future__ import annotations
 
 import contextlib
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import numpy as np
 
 from jaxattn.typing import Array, Float
 
-__all__ = ["exact_svd", "exact_svd_host", "sign_fix"]
+__all__ = ["exact_svd", "exact_svd_host", "one_blas_thread", "sign_fix"]
 
 
 @jax.jit
@@ -60,17 +61,24 @@ def exact_svd(a: Float[Array, "R V"]) -> tuple[Float[Array, "R k"], Float[Array,
     return sign_fix(u, s, vt)
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
-    """One BLAS thread for a small host SVD (with ``threadpoolctl``; else a no-op).
+_THREADPOOLS: list[Any] = []
 
-    Beside JAX's CPU thread pool, OpenBLAS's threads contend for the cores: a 4445 x 105
-    ``sgesdd`` then took 2 s instead of 0.03 s single-threaded (measured on 2 cores).
+
+def one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """Context limiting BLAS to one thread for host linear algebra (with ``threadpoolctl``; else a no-op).
+
+    Beside JAX's CPU thread pool, OpenBLAS's threads contend for the cores and busy-wait on a
+    loaded machine: a 4445 x 105 ``sgesdd`` took 2 s instead of 0.03 s single-threaded, and the
+    derivation's [32, 92k] x [92k, 384] products seconds instead of tens of milliseconds
+    (measured on 2 cores). The small host problems are as fast on one thread.
     """
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # optional: only the speed depends on it
         return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    if not _THREADPOOLS:
+        _THREADPOOLS.append(ThreadpoolController())
+    return cast(contextlib.AbstractContextManager[object], _THREADPOOLS[0].limit(limits=1, user_api="blas"))
 
 
 def exact_svd_host(
@@ -84,7 +92,7 @@ def exact_svd_host(
     Returns:
         U [R, k], S [k] descending, Vt [k, V] with k = min(R, V), numpy arrays.
     """
-    with _one_blas_thread():
+    with one_blas_thread():
         u, s, vt = np.linalg.svd(a, full_matrices=False)
     i = np.argmax(np.abs(u), axis=0)
     sign = np.sign(u[i, np.arange(u.shape[1])])

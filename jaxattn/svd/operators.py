@@ -30,7 +30,17 @@ from jax.experimental import sparse as jsparse
 from jaxattn.errors import JaxattnError
 from jaxattn.typing import Array, Float
 
-__all__ = ["HostSparse", "SparseOp", "apply_a", "as_matrix", "check_finite", "gram", "sparse_op"]
+__all__ = [
+    "HostSparse",
+    "SparseOp",
+    "apply_a",
+    "as_matrix",
+    "check_finite",
+    "gram",
+    "pad_sparse",
+    "shape_bucket",
+    "sparse_op",
+]
 
 
 class HostSparse(NamedTuple):
@@ -174,13 +184,63 @@ def _all_finite(a: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def shape_bucket(x: int, steps: int = 4) -> int:
+    """``x`` rounded up to a multiple of ``2**floor(log2 x) / steps`` (at most ``1/steps`` more; 256 at least).
+
+    Sparse operators are padded to these sizes so that tables of similar shape and nnz share one
+    compiled Krylov kernel instead of compiling one each.
+    """
+    x = max(int(x), 256)
+    gran = max(1, (1 << (x.bit_length() - 1)) // steps)
+    return -(-x // gran) * gran
+
+
+def pad_sparse(sparse: HostSparse, transpose: bool) -> HostSparse:
+    """M [R, V] zero-padded to bucketed ``(R', V')`` and nnz, with the same non-zero values.
+
+    The extra stored entries are explicit zeros in rows ``R, R+1, ...`` (sorted, unique), so every
+    product with the padded matrix equals the unpadded one on the original coordinates and is zero
+    on the padded ones. The small side stays the small side: ``V' >= R'`` when ``transpose``
+    (``A = M^T``), else ``R' >= V'``.
+
+    Args:
+        sparse: M on the host.
+        transpose: the orientation of the Krylov run (``V > R``).
+
+    Returns:
+        The padded matrix.
+    """
+    csr = sparse.csr
+    R, V = csr.shape
+    V2 = shape_bucket(V)
+    extra = shape_bucket(max(csr.nnz, 1)) - csr.nnz
+    rows = -(-extra // V2)
+    R2 = shape_bucket(R + rows)
+    if transpose:
+        V2 = max(V2, R2)
+    else:
+        R2 = max(R2, V2)
+    counts = np.full(rows, V2, np.int64)
+    if rows:
+        counts[-1] = extra - V2 * (rows - 1)
+    indptr = np.concatenate(
+        [csr.indptr.astype(np.int64), csr.nnz + np.cumsum(counts), np.full(R2 - R - rows, csr.nnz + extra)]
+    )
+    pad_cols = [np.arange(c, dtype=np.int64) for c in counts]
+    indices = np.concatenate([csr.indices.astype(np.int64), *pad_cols])
+    data = np.concatenate([csr.data, np.zeros(extra, csr.data.dtype)])
+    padded = scipy.sparse.csr_array((data, indices.astype(np.int32), indptr.astype(np.int64)), shape=(R2, V2))
+    padded.has_sorted_indices = True
+    return HostSparse(padded)
+
+
 def _bcsr(compressed: scipy.sparse.csr_array | scipy.sparse.csc_array, shape: tuple[int, int]) -> jsparse.BCSR:
     """A jax BCSR matrix of ``shape`` from a canonical scipy CSR (or a CSC, read as the CSR of the transpose)."""
     return jsparse.BCSR(
         (
-            jnp.asarray(compressed.data),
-            jnp.asarray(compressed.indices.astype(np.int32, copy=False)),
-            jnp.asarray(compressed.indptr.astype(np.int32, copy=False)),
+            jax.device_put(compressed.data),
+            jax.device_put(compressed.indices.astype(np.int32, copy=False)),
+            jax.device_put(compressed.indptr.astype(np.int32, copy=False)),
         ),
         shape=shape,
         indices_sorted=True,
@@ -215,7 +275,8 @@ def sparse_op(sparse: HostSparse, transpose: bool) -> SparseOp:
         :class:`SparseOp` holding ``A`` and ``A^T`` as jax BCSR matrices.
     """
     csr = sparse.csr
-    csc = csr.tocsc()  # its indptr / indices are the CSR of M^T (sorted, no duplicates)
+    # The CSC's indptr / indices are the CSR of M^T (sorted; explicit zeros of a padded M kept).
+    csc = csr.tocsc()
     R, V = csr.shape
     m_rows = _bcsr(csr, (R, V))  # M
     m_cols = _bcsr(csc, (V, R))  # M^T

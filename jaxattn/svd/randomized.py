@@ -26,7 +26,6 @@ Axis vocabulary: R, V the shape of M; A is (m, n) with n <= m; b the block width
 # ruff: noqa: F722  (jaxtyping shape strings such as "R V" are not Python expressions)
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from typing import Any
@@ -36,14 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from jaxattn.svd.exact import one_blas_thread
 from jaxattn.svd.krylov import complete, krylov_finish, krylov_restart, krylov_start, krylov_step, repair_block
-from jaxattn.svd.operators import HostSparse, SparseOp, sparse_op
+from jaxattn.svd.operators import HostSparse, SparseOp, pad_sparse, sparse_op
 from jaxattn.typing import Array, Float, PRNGKey
-
-try:  # optional: keeps the small host eigenproblems on one BLAS thread
-    from threadpoolctl import ThreadpoolController
-except ImportError:  # pragma: no cover
-    ThreadpoolController = None
 
 __all__ = ["CYCLE_BLOCKS", "KEEP_BLOCKS", "MAX_BLOCKS", "randomized_svd"]
 
@@ -62,23 +57,6 @@ _TINY_SIGMA = 1e-3
 # A block whose coupling ``r`` is below this many float eps times ||A^T A||
 # means the Krylov space is invariant: stop.
 _BREAKDOWN = 32
-
-_THREADPOOLS: list[Any] = []
-
-
-def _one_blas_thread() -> Any:
-    """Context limiting BLAS to one thread, when threadpoolctl is installed.
-
-    The host eigenproblems on T are small (a few hundred): one thread is as
-    fast, runs beside the device's work instead of competing with it, and
-    avoids OpenBLAS's busy-wait stalls on a loaded machine (seconds instead of
-    milliseconds).
-    """
-    if ThreadpoolController is None:
-        return contextlib.nullcontext()
-    if not _THREADPOOLS:
-        _THREADPOOLS.append(ThreadpoolController())
-    return _THREADPOOLS[0].limit(limits=1, user_api="blas")
 
 
 class _Projection:
@@ -128,7 +106,7 @@ class _Projection:
         t = self.dense()
         k = t.shape[0]
         count = min(count, k)
-        with _one_blas_thread():
+        with one_blas_thread():
             out = scipy.linalg.eigh(
                 t,
                 lower=True,
@@ -193,7 +171,7 @@ def _start_block(mat: jax.Array | HostSparse, key: Any, n: int, block: int, tran
         empty = np.diff(mat.csr.indptr) == 0 if transpose else np.bincount(mat.csr.indices, minlength=n) == 0
         if n - int(empty.sum()) >= block:
             start[empty] = 0.0
-    with _one_blas_thread():
+    with one_blas_thread():
         if n >= 4 * block:  # a tall Gaussian block is well conditioned: Cholesky QR suffices
             q0 = start @ np.linalg.inv(np.linalg.cholesky(start.T @ start)).T
         else:
@@ -310,18 +288,30 @@ def _iterate(run: _Run, basis: jax.Array) -> jax.Array:
     return basis
 
 
-def _ritz_triplets(run: _Run, basis: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The signed (U, S, Vt) of M from the top ``rank`` Ritz vectors of the final T."""
+def _ritz_triplets(run: _Run, basis: jax.Array, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The signed (U, S, Vt) of M [R, V] (``shape``) from the top ``rank`` Ritz vectors of the final T.
+
+    A padded operator's vectors are zero on the padded coordinates, which are cut off here.
+    """
     _, vec = run.proj.eigvecs(run.rank)
     w = np.zeros((run.nbuf * run.block, run.rank), run.dtype)
     w[: run.proj.size] = vec
     used = run.proj.size // run.block
     w_blocks = jnp.asarray(w.reshape(run.nbuf, run.block, run.rank))
     u, s, vt = krylov_finish(run.op, basis, w_blocks, jnp.int32(used), transpose=run.transpose, m=run.m, n=run.n)
+    R, V = shape
+    if u.shape[0] != R or vt.shape[1] != V:  # cut on the host: an eager slice compiles per shape
+        u, vt = jax.device_put(np.asarray(u)[:R]), jax.device_put(np.asarray(vt)[:, :V])
     s_host = np.asarray(s)
     if s_host[-1] <= _TINY_SIGMA * s_host[0]:
         u, s, vt = complete(u, s, vt, left=not run.transpose)
     return u, s, vt
+
+
+def _tiny_tail(s: jax.Array) -> bool:
+    """Whether the smallest of the singular values is numerically zero (a rank-deficient M)."""
+    s_host = np.asarray(s)
+    return bool(s_host[-1] <= _TINY_SIGMA * s_host[0])
 
 
 def randomized_svd(
@@ -332,8 +322,15 @@ def randomized_svd(
     tol: float,
     oversample: int,
     n_iter: int | None,
+    *,
+    pad: bool = True,
 ) -> tuple[Float[Array, "R rank"], Float[Array, " rank"], Float[Array, "rank V"], dict[str, Any]]:
     """Thick-restarted block Lanczos; returns the signed (U (R, rank), S (rank,), Vt (rank, V)).
+
+    A sparse M is zero-padded to bucketed sizes (:func:`~jaxattn.svd.operators.pad_sparse`), so that
+    tables of similar shape reuse the compiled kernels; the start block is zero on the padding, so
+    the Krylov spaces, hence the results, are those of M itself up to float rounding. A
+    rank-deficient M is redone unpadded (``pad=False``).
 
     Args:
         mat: the output of :func:`~jaxattn.svd.operators.as_matrix`: dense float [R, V] or
@@ -344,20 +341,46 @@ def randomized_svd(
         tol: the stopping rule's relative tolerance (ignored with ``n_iter``).
         oversample: extra block columns beyond ``rank``.
         n_iter: a fixed number of Krylov blocks, or None for the ``tol`` rule.
+        pad: pad a sparse M to bucketed shapes.
 
     Returns:
         U [R, rank], S [rank] descending, Vt [rank, V] with the sign convention, and the
         run's diagnostics (``jaxattn.svd.LAST_INFO``): block width, products, restarts,
         repairs, whether it converged, the small side and the Ritz value history.
     """
+    padded = isinstance(mat, HostSparse) and pad
+    u, s, vt, info = _lanczos_svd(mat, shape, rank, key, tol, oversample, n_iter, padded)
+    if padded and _tiny_tail(s):
+        # A rank-deficient M: its null-space vectors may have reached the padding; redo it unpadded.
+        u, s, vt, info = _lanczos_svd(mat, shape, rank, key, tol, oversample, n_iter, False)
+    return u, s, vt, info
+
+
+def _lanczos_svd(
+    mat: Float[Array, "R V"] | HostSparse,
+    shape: tuple[int, int],
+    rank: int,
+    key: PRNGKey,
+    tol: float,
+    oversample: int,
+    n_iter: int | None,
+    padded: bool,
+) -> tuple[Float[Array, "R rank"], Float[Array, " rank"], Float[Array, "rank V"], dict[str, Any]]:
+    """:func:`randomized_svd` of one operator: M itself, or (``padded``) its padded sparse form."""
     R, V = shape
     transpose = V > R  # A = M (V <= R) or M.T, so that A is (m, n) with n <= m
     m, n = (V, R) if transpose else (R, V)
     dtype = np.dtype(mat.csr.dtype if isinstance(mat, HostSparse) else mat.dtype)
     block, nbuf, restarts = _plan(n, rank, oversample)
     max_products = MAX_BLOCKS if n_iter is None else int(n_iter)
-    op = sparse_op(mat, transpose) if isinstance(mat, HostSparse) else mat
     q0 = _start_block(mat, key, n, block, transpose)
+    if isinstance(mat, HostSparse):
+        op_mat = pad_sparse(mat, transpose) if padded else mat
+        m, n = (op_mat.csr.shape[1], op_mat.csr.shape[0]) if transpose else op_mat.csr.shape
+        q0 = np.pad(q0, ((0, n - q0.shape[0]), (0, 0)))  # zero on the padding: the run never leaves M's space
+        op: jax.Array | SparseOp = sparse_op(op_mat, transpose)
+    else:
+        op = mat
     basis = krylov_start(jnp.asarray(q0, dtype), num_blocks=nbuf)
     run = _Run(op, transpose, m, n, dtype, rank, block, nbuf, restarts, max_products, tol, n_iter)
     basis = _iterate(run, basis)
@@ -369,7 +392,7 @@ def randomized_svd(
             RuntimeWarning,
             stacklevel=3,
         )
-    u, s, vt = _ritz_triplets(run, basis)
+    u, s, vt = _ritz_triplets(run, basis, (R, V))
     info = dict(
         method="randomized",
         block=block,

@@ -18,7 +18,7 @@ from jaxattn.corpus import (
     load_corpus,
     read_documents,
 )
-from jaxattn.corpus import sources as S
+from jaxattn.corpus import builtin as B
 from jaxattn.errors import JaxattnError
 from tests.corpus.helpers import write
 
@@ -155,13 +155,37 @@ def test_default_corpus_deterministic(default_corpus: Corpus) -> None:
     np.testing.assert_array_equal(again.tokens, default_corpus.tokens)
     assert again.sha256 == default_corpus.sha256
     # Uncached re-parse (a prefix of the stdlib) gives identical documents.
-    root = S.sysconfig.get_paths()["stdlib"]
-    a = S._default_documents_uncached(root, 200_000, False)
-    b = S._default_documents_uncached(root, 200_000, False)
+    root = B.sysconfig.get_paths()["stdlib"]
+    a = B._default_documents_uncached(root, 200_000, False)
+    b = B._default_documents_uncached(root, 200_000, False)
     assert a == b
     assert sum(len(d.text) for d in a) == 200_000
     assert a == default_documents(max_chars=200_000, progress=False)
     assert tuple(d.name for d in a) == default_corpus.doc_names[: len(a)]
+
+
+def test_builtin_corpus_disk_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JAXATTN_CORPUS_CACHE", str(tmp_path))
+    monkeypatch.setattr(B, "_DEFAULT_CACHE", {})
+    root = B.sysconfig.get_paths()["stdlib"]
+    want = tuple(B._default_documents_uncached(root, 100_000, False))
+    assert B.default_documents(max_chars=100_000, progress=False) == list(want)  # parsed, then written
+    files = list(tmp_path.glob("stdlib-docstrings-*.json"))
+    assert len(files) == 1
+    # A later run reads the file and parses nothing.
+    monkeypatch.setattr(B, "_DEFAULT_CACHE", {})
+    monkeypatch.setattr(B, "_module_docstrings", lambda source: pytest.fail("parsed despite the cache"))
+    assert B.default_documents(max_chars=100_000, progress=False) == list(want)
+    # Another size is another key; a corrupt file is parsed anew, not trusted.
+    assert B._disk_cache_path(root, 100_001) != B._disk_cache_path(root, 100_000)
+    monkeypatch.undo()
+    monkeypatch.setenv("JAXATTN_CORPUS_CACHE", str(tmp_path))
+    monkeypatch.setattr(B, "_DEFAULT_CACHE", {})
+    files[0].write_text("{not json")
+    assert B.default_documents(max_chars=100_000, progress=False) == list(want)
+    assert json.loads(files[0].read_text())["documents"][0] == [want[0].name, want[0].text]  # rewritten
+    monkeypatch.setenv("JAXATTN_CORPUS_CACHE", "0")
+    assert B.corpus_cache_dir() is None and B._disk_cache_path(root, 100_000) is None
 
 
 def test_default_documents_bad_max_chars() -> None:

@@ -67,7 +67,7 @@ def test_plot_embedding_similarity_no_v_squared(tmp_path):
 def _capture(monkeypatch) -> list:
     figs: list = []
 
-    def keep(fig, path):
+    def keep(fig, path, **kwargs):
         figs.append(fig)
         Path(path).write_bytes(b"png")
 
@@ -167,8 +167,65 @@ def test_heatmaps_shared_range_repeats_and_none(monkeypatch, tmp_path):
     assert [p.name for p in paths][0] == "hm_kl.png"
     ax = figs[0].axes[0]
     assert ax.get_images()[0].get_clim() == (0.0, 7.0)  # the shared range, not this option's own max
-    assert sum(1 for p in ax.patches if p.get_hatch()) == 4
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(hatched) == 2  # one patch per run of repeated cells in a row
+    assert sorted((p.get_x(), p.get_y(), p.get_width()) for p in hatched) == [(3.5, -0.5, 2), (3.5, 0.5, 2)]
     assert ax.texts[0].get_text() == "n/a"
+    # Repeated cells whose value prints like their source head's carry no number: 2 rows x 4 heads are left.
+    assert len(ax.texts) == 8
+
+
+def test_heatmap_keeps_numbers_of_repeats_that_differ(monkeypatch, tmp_path):
+    figs = _capture(monkeypatch)
+    recs = _records(1, 6, 3)
+    recs[5] |= {"cosine": 0.9}  # head 5 repeats head 3's table but scores differently (e.g. trained)
+    plots.plot_metric_heatmaps(tmp_path, recs)
+    cos = figs[1].axes[0]
+    shown = {(round(t.get_position()[0]), t.get_text()) for t in cos.texts}
+    assert (5, "0.90") in shown and all(h != 4 for h, _ in shown)
+
+
+def test_tick_text_escapes_and_replaces_glyphs_the_fonts_lack():
+    assert plots.tick_text("\n") == "\\n"  # a newline token shows as backslash-n
+    assert plots.tick_text("a") == "a"
+    assert plots.tick_text("\U0001f600") == "U+1F600"
+
+
+def test_attention_grid_labels_edges_and_titles_clear_the_panel_above(monkeypatch, tmp_path):
+    figs = _capture(monkeypatch)
+    L, H, T, B = 12, 12, 32, 2
+    rng = np.random.default_rng(0)
+    attn = rng.random((B, L, H, T, T)).astype(np.float32)
+    expected = rng.random((8, B, T, T)).astype(np.float32)
+    mask = np.ones((8, B, T, T), bool)
+    pair_index = np.array([[min(l, 1) * 4 + min(h, 3) for h in range(H)] for l in range(L)])
+    recs = [
+        {"layer": l, "head": h, "n": min(l + 1, 2), "s": min(h, 3), "kl": 0.5, "cosine": 0.7, "argmax_match_tied": 0.1}
+        for l in range(L)
+        for h in range(H)
+    ]
+    plots.plot_expected_vs_actual(tmp_path / "x.png", expected, mask, pair_index, attn, recs, tokens=list("ab" * 16))
+    fig = figs[0]
+    panels = [ax for ax in fig.axes if ax.get_images() and ax.get_label() != "<colorbar>"]
+    assert len(panels) == 32  # 4 layers x 4 distinct heads x (expected, actual)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    rows: dict[float, list] = {}
+    for ax in panels:
+        rows.setdefault(round(ax.get_position().y0, 4), []).append(ax)
+    ys = sorted(rows, reverse=True)
+    assert len(ys) == 4
+    for i, y in enumerate(ys):
+        for ax in rows[y]:
+            labelled_x = any(t.get_text() for t in ax.get_xticklabels())
+            assert labelled_x == (i == len(ys) - 1)  # token labels on the bottom row only
+    for upper, lower in zip(ys, ys[1:]):
+        for ax in rows[lower]:
+            title = ax.title.get_window_extent(renderer)
+            for above in rows[upper]:
+                box = above.get_tightbbox(renderer)
+                overlap_x = title.x0 < box.x1 and box.x0 < title.x1
+                assert not (overlap_x and title.y1 > box.y0), "a panel title overlaps the panel above"
 
 
 def test_training_curves(tmp_path):
@@ -193,3 +250,22 @@ def test_render_figures_isolates_failures(tmp_path):
         [("a.png", lambda: tmp_path / "a.png"), ("b.png", boom), ("c", lambda: None)]
     )
     assert files == [tmp_path / "a.png"] and failures == ["b.png: ValueError: bad thing"]
+
+
+def test_ablation_labels_say_added_removed_and_ceiling(monkeypatch, tmp_path):
+    figs = _capture(monkeypatch)
+    per = [0.5, 0.6]
+    rows = [
+        {"step": 0, "kind": "step", "ingredient": "seed baseline"},
+        {"step": 1, "kind": "step", "ingredient": "token block"},
+        {"step": 2, "kind": "variant", "ingredient": "- prep block"},
+        {"step": 3, "kind": "ceiling", "ingredient": "oracle inputs"},
+    ]
+    rows = [r | {"cosine_mean": 0.5, "argmax_match_tied_mean": 0.4, "argmax_match_tied": per} for r in rows]
+    plots.plot_ablation(tmp_path / "a.png", rows)
+    bars, lines = figs[0].axes
+    labels = [t.get_text() for t in bars.get_xticklabels()]
+    assert labels == ["seed baseline", "+ token block", "\u2212 prep block", "ceiling: oracle inputs"]
+    assert len(bars.lines) == 2  # separators before the variants and before the ceiling
+    styles = {(ln.get_color(), ln.get_marker()) for ln in lines.get_lines()}
+    assert len(styles) == 4  # every row has its own colour and marker
