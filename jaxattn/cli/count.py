@@ -49,7 +49,16 @@ from jaxattn.corpus import (
     open_token_file,
     split_heldout,
 )
-from jaxattn.counts import StreamCounter, tables_from_keys
+from jaxattn.counts import (
+    StreamCounter,
+    allreduce_counts,
+    allreduce_int,
+    allreduce_keyed,
+    cluster_environment,
+    init_distributed,
+    process_share,
+    tables_from_keys,
+)
 from jaxattn.counts.stream import tables_from_counter
 from jaxattn.errors import JaxattnError
 from jaxattn.output import save_tables
@@ -124,15 +133,11 @@ class _Dist:
     def share(self, sizes: list[int]) -> range:
         if self.count == 1:
             return range(len(sizes))
-        from jaxattn.counts.distributed import process_share
-
         return process_share(sizes, self.index, self.count)
 
     def sum(self, value: int, op: str = "sum") -> int:
         if self.count == 1:
             return int(value)
-        from jaxattn.counts.distributed import allreduce_int
-
         return allreduce_int(int(value), op)
 
 
@@ -224,8 +229,6 @@ def _text_tokenizer(args: argparse.Namespace, docs: Callable[[], Iterator[Docume
         for d in docs():
             counts.update(d.text, d.name)
         if dist.count > 1:
-            from jaxattn.counts.distributed import allreduce_counts
-
             counts = TypeCounts.from_dict(allreduce_counts(counts.to_dict()), counts.kind)
         tok = counts.tokenizer(args.max_vocab)
     if held is not None and tok.kind == "char" and tok.unk_id is None:
@@ -318,13 +321,8 @@ def _count_tokens(args: argparse.Namespace, dist: _Dist) -> tuple[Tokenizer, _Co
 
 def _init(args: argparse.Namespace) -> _Dist:
     flags = (args.coordinator, args.num_processes, args.process_id)
-    if all(f is None for f in flags):
-        from jaxattn.counts.distributed import cluster_environment
-
-        if cluster_environment() is None:
-            return _Dist()
-    from jaxattn.counts.distributed import init_distributed
-
+    if all(f is None for f in flags) and cluster_environment() is None:
+        return _Dist()
     index, count = init_distributed(*flags)
     return _Dist(index, count)
 
@@ -345,8 +343,6 @@ def _count_everywhere(args: argparse.Namespace, dist: _Dist) -> tuple[Tokenizer,
 
 def _reduce_and_save(args: argparse.Namespace, tok: Tokenizer, done: _Counted, dist: _Dist) -> tuple[int, int]:
     """Sums the keyed counts over processes; process 0 writes the tables. Returns (nnz, number of tables)."""
-    from jaxattn.counts.distributed import allreduce_keyed
-
     keyed = allreduce_keyed(done.counter.keyed(), tok.vocab_size)
     nnz, num_tables = sum(int(v.size) for _, v in keyed.values()), len(keyed)
     if dist.index == 0:
