@@ -5,6 +5,8 @@ what they hold (corpus, counts, svd, embeddings, derive, model, alignment, pipel
 diagnostics, output, cli); the README draws the layout.
 """
 
+from typing import Any
+
 from jaxattn.alignment import (
     DeviceTable,
     alignment_metrics,
@@ -28,7 +30,7 @@ from jaxattn.counts import (
 from jaxattn.derive import derive_params, derive_qk, derive_vo, normalize_std
 from jaxattn.embeddings import base_embeddings, ngram_embeddings
 from jaxattn.errors import JaxattnError, MemoryBudgetError
-from jaxattn.model import DerivedTransformer, ModelConfig, check_token_ids, forward, forward_batch, preset
+from jaxattn.model import ModelConfig, check_token_ids, forward, forward_batch, preset
 from jaxattn.output.artefacts import load_tables, save_tables
 from jaxattn.output.html_report import write_report
 from jaxattn.report import AttentionReport, attention_report
@@ -36,6 +38,16 @@ from jaxattn.svd import truncated_svd
 from jaxattn.version import VERSION
 
 __version__ = VERSION
+
+
+def __getattr__(name: str) -> Any:
+    """``jaxattn.DerivedTransformer``, imported on first use (the NNX module needs flax; nothing else here does)."""
+    if name == "DerivedTransformer":
+        from jaxattn.nnx_module import DerivedTransformer
+
+        return DerivedTransformer
+    raise AttributeError(f"module 'jaxattn' has no attribute {name!r}")
+
 
 __all__ = [
     "AttentionReport",

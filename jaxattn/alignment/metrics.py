@@ -458,14 +458,30 @@ def _block(tree: Any, r0: int, r1: int, c1: int) -> Any:
     return jax.tree.map(lambda x: x[:, r0:r1, :c1] if x.ndim == 3 else x[:, r0:r1], tree)
 
 
-@jax.jit
+def _host_mask_kind(mask: Any) -> int | None:
+    """:func:`_mask_kind` of a concrete mask, on the host; None for a traced one."""
+    if isinstance(mask, jax.core.Tracer):
+        return None
+    m: np.ndarray = np.asarray(mask, dtype=np.bool_)
+    T, S = m.shape[-2:]
+    tri: np.ndarray = np.tri(T, S) > 0
+    rows: np.ndarray = np.any(m, axis=-1)
+    if np.all((m == tri) | np.logical_not(rows)[..., None]):
+        return _PREFIX
+    return _GENERAL if np.any(m & np.logical_not(tri)) else _CAUSAL
+
+
 def layer_head_metrics(
-    expected: Float[Array, "P B T T"],
-    mask: Bool[Array, "P B T T"],
-    pair_index: Integer[Array, "L H"],
-    attn: Float[Array, "B L H T T"],
+    expected: Float[ArrayLike, "P B T T"],
+    mask: Bool[ArrayLike, "P B T T"],
+    pair_index: Integer[ArrayLike, "L H"],
+    attn: Float[ArrayLike, "B L H T T"],
 ) -> dict[str, Array]:
     """Metrics for every layer, head and sequence in one jitted call.
+
+    A concrete mask's kind is found on the host, so only its branch is traced and compiled (the
+    three branches cost half a second of tracing per process); a traced mask picks its branch on
+    the device.
 
     The expected side (:class:`_PairTerms`) is computed once per (n, s) table and sequence, not
     once per head. A loop over the tables runs an inner loop over the heads that use that table,
@@ -486,6 +502,19 @@ def layer_head_metrics(
     Returns:
         dict of [L, H, B] arrays (see :func:`alignment_metrics`).
     """
+    return _layer_head_metrics(expected, mask, pair_index, attn, kind=_host_mask_kind(mask))
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _layer_head_metrics(
+    expected: Float[Array, "P B T T"],
+    mask: Bool[Array, "P B T T"],
+    pair_index: Integer[Array, "L H"],
+    attn: Float[Array, "B L H T T"],
+    *,
+    kind: int | None,
+) -> dict[str, Array]:
+    """:func:`layer_head_metrics` with the mask's kind given (static), or None to pick it on the device."""
     expected, mask = jnp.asarray(expected), jnp.asarray(mask, bool)
     B, L, H, T, S = attn.shape
     P = expected.shape[0]
@@ -522,5 +551,5 @@ def layer_head_metrics(
         lambda: run(_row_blocks(T, S, True), prefix=False),
         lambda: run(_row_blocks(T, S, False), prefix=False),
     ]
-    out = jax.lax.switch(_mask_kind(mask), branches)
+    out = jax.lax.switch(_mask_kind(mask), branches) if kind is None else branches[kind]()
     return {k: v.reshape(L, H, B) for k, v in out.items()}

@@ -272,7 +272,7 @@ def test_labels_agree_with_the_nnx_module(prep, base_params):
     """The optax label pytree trains exactly what DerivedTransformer marks nnx.Param (E); the rest is FrozenWeight."""
     from flax import nnx
 
-    from jaxattn.model import DerivedTransformer, FrozenWeight
+    from jaxattn.nnx_module import DerivedTransformer, FrozenWeight
 
     model = DerivedTransformer(base_params, prep.config)
     params_state = nnx.state(model, nnx.Param)

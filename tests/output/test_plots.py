@@ -99,23 +99,32 @@ def _two_heads() -> tuple[np.ndarray, np.ndarray]:
     return a, e
 
 
+def _panels_of(fig, num_heads: int, T: int, per_row: int = 4) -> list[np.ndarray]:
+    """The drawn panels, cut out of the figure's one composite image with :func:`panel_layout`."""
+    (image,) = [im for ax in fig.axes for im in ax.get_images()]
+    canvas = np.ma.filled(image.get_array(), np.nan)
+    shape, offsets = attention_plots.panel_layout(num_heads, T, per_row)
+    assert canvas.shape == shape
+    return [canvas[r : r + T, c : c + T] for r, c in offsets]
+
+
 def test_plot_heads_absolute_scale_with_colour_bar(monkeypatch, tmp_path):
     figs = _capture(monkeypatch)
     a, e = _two_heads()
     tokens = list("abcdef")
     plots.plot_heads(tmp_path / "h.png", a, e, tokens, heads=[(0, 1), (1, 2)])
     fig = figs[0]
-    images = [ax.get_images()[0] for ax in fig.axes if ax.get_images()]
-    assert len(images) == 4 and len(fig.axes) == 5  # 2 heads x (expected, actual) + one colour bar
-    drawn = np.ma.filled(images[1].get_array(), np.nan)  # actual of L0H1, unscaled probabilities
+    assert len(fig.axes) == 2  # one composite image and one colour bar
+    panels = _panels_of(fig, 2, 6)
+    drawn = panels[1]  # actual of L0H1, unscaled probabilities
     np.testing.assert_allclose(drawn[np.tril_indices(6)], a[0, 1][np.tril_indices(6)])
+    np.testing.assert_allclose(panels[2][np.tril_indices(6)], e[1, 2][np.tril_indices(6)])
     assert np.isnan(drawn[0, 5])  # above the diagonal: blank
-    lo, hi = images[0].get_clim()
+    lo, hi = fig.axes[0].get_images()[0].get_clim()
     assert lo == 0.0 and hi == pytest.approx(max(a[0, 1].max(), a[1, 2].max(), e[0, 1].max(), e[1, 2].max()))
-    assert {im.get_clim() for im in images} == {(lo, hi)}  # one colour range
     figs.clear()
     plots.plot_heads(tmp_path / "h.png", a, e, tokens, heads=[(0, 0)], scaling="row")
-    row = np.ma.filled(figs[0].axes[1].get_images()[0].get_array(), np.nan)
+    row = _panels_of(figs[0], 1, 6, 1)[1]
     np.testing.assert_allclose(np.nanmax(row, 1), 1.0)
     with pytest.raises(JaxattnError, match="layer 2"):
         plots.plot_heads(tmp_path / "h.png", a, e, tokens, heads=[(2, 0)])
@@ -204,28 +213,37 @@ def test_attention_grid_labels_edges_and_titles_clear_the_panel_above(monkeypatc
         for l in range(L)
         for h in range(H)
     ]
-    plots.plot_expected_vs_actual(tmp_path / "x.png", expected, mask, pair_index, attn, recs, tokens=list("ab" * 16))
+    tokens = [chr(97 + i % 26) for i in range(T)]
+    plots.plot_expected_vs_actual(tmp_path / "x.png", expected, mask, pair_index, attn, recs, tokens=tokens)
     fig = figs[0]
-    panels = [ax for ax in fig.axes if ax.get_images() and ax.get_label() != "<colorbar>"]
-    assert len(panels) == 32  # 4 layers x 4 distinct heads x (expected, actual)
+    panels = _panels_of(fig, 16, T)  # 4 layers x 4 distinct heads x (expected, actual)
+    np.testing.assert_allclose(panels[1][np.tril_indices(T)], attn[0, 0, 0][np.tril_indices(T)], rtol=1e-6)
+    ax = fig.axes[0]
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    rows: dict[float, list] = {}
-    for ax in panels:
-        rows.setdefault(round(ax.get_position().y0, 4), []).append(ax)
-    ys = sorted(rows, reverse=True)
-    assert len(ys) == 4
-    for i, y in enumerate(ys):
-        for ax in rows[y]:
-            labelled_x = any(t.get_text() for t in ax.get_xticklabels())
-            assert labelled_x == (i == len(ys) - 1)  # token labels on the bottom row only
-    for upper, lower in zip(ys, ys[1:]):
-        for ax in rows[lower]:
-            title = ax.title.get_window_extent(renderer)
-            for above in rows[upper]:
-                box = above.get_tightbbox(renderer)
-                overlap_x = title.x0 < box.x1 and box.x0 < title.x1
-                assert not (overlap_x and title.y1 > box.y0), "a panel title overlaps the panel above"
+    _, offsets = attention_plots.panel_layout(16, T, 4)
+    rows = sorted({r for r, _ in offsets})
+    texts = [t for t in ax.texts if t.get_text() in tokens]
+    # Token labels sit only below the bottom row (keys) and left of the first column (queries).
+    below = [t for t in texts if t.get_rotation() == 90]
+    left = [t for t in texts if t.get_rotation() == 0]
+    assert len(below) == 8 * T and len(left) == 4 * T
+    assert all(t.get_position()[1] >= rows[-1] + T - 0.5 for t in below)
+    assert all(t.get_position()[0] < 0 for t in left)
+    # No panel title overlaps the panels of the row above.
+    titles = [
+        t for t in ax.texts if t.get_text().startswith("L") and ("expected" in t.get_text() or "actual" in t.get_text())
+    ]
+    assert len(titles) == 32
+    to_display = ax.transData.transform
+    for t in titles:
+        box = t.get_window_extent(renderer)
+        row0 = min(rows, key=lambda r: abs(r - (t.get_position()[1] + 1.0)))
+        if row0 == rows[0]:
+            continue
+        above = rows[rows.index(row0) - 1]
+        bottom_of_above = to_display((0, above + T - 0.5))[1]  # display y grows upwards
+        assert box.y1 < bottom_of_above, f"title {t.get_text()!r} overlaps the panel above"
 
 
 def test_training_curves(tmp_path):
