@@ -245,13 +245,8 @@ def attention_head(
     """One causal attention head on one sequence, with its output projection (:func:`head_mix` then ``@ wo``).
 
     Args:
-        q_in: [T, D] query-side input.
-        k_in: [T, D] key-side input.
-        v_in: [T, D] value-side input.
-        wq, wk, wv: [D, K].
-        wo: [K, D].
-        logits: optional [T, T] scores that replace ``q k^T / sqrt(K)`` (Option 2).
-        bq, bk, bv: optional [K] biases of the query, key and value projections (GPT-2's ``c_attn.bias``).
+        q_in, k_in, v_in, wq, wk, wv, logits, bq, bk, bv: as for :func:`head_mix`.
+        wo: [K, D] the head's output projection.
 
     Returns:
         out [T, D], probs float32 [T, T].

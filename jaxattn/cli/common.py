@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jaxattn.caches import cache_dir
 from jaxattn.corpus import directory_glob
 from jaxattn.errors import JaxattnError
 from jaxattn.model import preset
@@ -76,13 +77,7 @@ def compilation_cache_dir() -> str | None:
     is the directory. By default ``$XDG_CACHE_HOME/jaxattn/jax`` (``~/.cache/jaxattn/jax``). A run
     then compiles each forward, metric and random-draw kernel once per machine, not once per run.
     """
-    raw = os.environ.get("JAXATTN_COMPILATION_CACHE")
-    if raw is not None and raw.strip().lower() in ("", "0", "off", "no", "false"):
-        return None
-    if raw:
-        return os.path.expanduser(raw)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "jaxattn", "jax")
+    return cache_dir("JAXATTN_COMPILATION_CACHE", "jax")
 
 
 def enable_compilation_cache() -> str | None:

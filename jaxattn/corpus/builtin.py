@@ -18,6 +18,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 
+from jaxattn.caches import cache_dir
 from jaxattn.corpus.document import Document
 from jaxattn.errors import JaxattnError
 from jaxattn.progress import progress_iter
@@ -108,13 +109,7 @@ def corpus_cache_dir() -> str | None:
     ``JAXATTN_CORPUS_CACHE=0`` (or ``off``, ``no``, ``false``) turns it off; any other value is the
     directory. By default ``$XDG_CACHE_HOME/jaxattn/corpus`` (``~/.cache/jaxattn/corpus``).
     """
-    raw = os.environ.get("JAXATTN_CORPUS_CACHE")
-    if raw is not None and raw.strip().lower() in ("", "0", "off", "no", "false"):
-        return None
-    if raw:
-        return os.path.expanduser(raw)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "jaxattn", "corpus")
+    return cache_dir("JAXATTN_CORPUS_CACHE", "corpus")
 
 
 def _disk_cache_path(root: str, max_chars: int) -> str | None:

@@ -25,7 +25,7 @@ from jaxattn.counts.distributed import (
     process_share,
 )
 from jaxattn.counts.kernels import count_keys, valid_window_starts
-from jaxattn.counts.keys import key_dtype, pack_ngrams, unpack_ngrams
+from jaxattn.counts.keys import key_dtype, merge_keyed_runs, pack_ngrams, unpack_ngrams
 from jaxattn.counts.sharded import make_mesh, sharded_count_keys
 from jaxattn.counts.stream import (
     DEFAULT_STREAM_MEMORY,
@@ -33,7 +33,6 @@ from jaxattn.counts.stream import (
     TokenChunk,
     count_stream,
     count_stream_keys,
-    merge_keyed_runs,
     tables_from_counter,
 )
 from jaxattn.counts.tables import (

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from jaxattn.counts.kernels import DENSE_BINS_MAX
-from jaxattn.counts.keys import INT32_MAX, INT64_MAX, key_dtype, shrink_counts
+from jaxattn.counts.keys import INT32_MAX, INT64_MAX, key_dtype, merge_keyed_runs, shrink_counts
 from jaxattn.errors import JaxattnError
 from jaxattn.typing import Int, Integer
 
@@ -402,25 +402,6 @@ def _agree(keyed: Keyed, vocab_size: int) -> list[tuple[int, int]]:
     return tables
 
 
-def _merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """P sorted unique runs -> one sorted unique run with int64 summed counts.
-
-    A stable argsort of the concatenation (timsort: it finds the P presorted runs, so about
-    O(Z log P)), then one sum per distinct key.
-    """
-    keys = np.concatenate([k for k, _ in runs])
-    vals = np.concatenate([np.asarray(v, np.int64) for _, v in runs])
-    if keys.size == 0:
-        return keys, vals
-    order = np.argsort(keys, kind="stable")
-    keys, vals = keys[order], vals[order]
-    new = np.empty(keys.shape, bool)
-    new[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=new[1:])
-    first = np.flatnonzero(new)
-    return keys[first], np.add.reduceat(vals, first)
-
-
 def allreduce_sorted(
     keys: Integer[np.ndarray, " Z"], counts: Integer[np.ndarray, " Z"]
 ) -> tuple[Integer[np.ndarray, " Z2"], Int[np.ndarray, " Z2"]]:
@@ -446,7 +427,7 @@ def allreduce_sorted(
     runs = [
         (r[: int(n)].astype(k.dtype, copy=False), r[width : width + int(n)]) for r, n in zip(rows, lengths, strict=True)
     ]
-    return _merge_runs(runs)
+    return merge_keyed_runs(runs)
 
 
 def _digit_bits(nproc: int) -> int:

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxattn.counts.distributed import allreduce_sorted
 from jaxattn.counts.kernels import DENSE_BINS_MAX, MAX_WINDOWS_PER_LAUNCH
-from jaxattn.counts.keys import key_dtype, shrink_counts
+from jaxattn.counts.keys import key_dtype, merge_keyed_runs, shrink_counts
 from jaxattn.errors import JaxattnError
 from jaxattn.typing import Int, Integer
 
@@ -185,21 +185,6 @@ def _check_mesh_processes(mesh: Mesh) -> None:
         )
 
 
-def _merge_sorted(parts: list[tuple[np.ndarray, np.ndarray]], dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Merges per-shard (sorted unique keys, counts) into one sorted unique list (exact int64 sums)."""
-    keys = np.concatenate([k for k, _ in parts]).astype(dt, copy=False)
-    vals = np.concatenate([v for _, v in parts]).astype(np.int64, copy=False)
-    if keys.size == 0:
-        return keys, vals
-    order = np.argsort(keys, kind="stable")
-    keys, vals = keys[order], vals[order]
-    new = np.empty(keys.shape, bool)
-    new[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=new[1:])
-    first = np.flatnonzero(new)
-    return keys[first], np.add.reduceat(vals, first)
-
-
 def sharded_count_keys(
     tok: Integer[np.ndarray, " N"], seg: Integer[np.ndarray, " N"] | None, n: int, s: int, vocab_size: int, mesh: Mesh
 ) -> tuple[Integer[np.ndarray, " Z"], Int[np.ndarray, " Z"]]:
@@ -251,7 +236,7 @@ def sharded_count_keys(
         assert total is not None
         keys = np.flatnonzero(total)
         return keys.astype(dt), shrink_counts(total[keys])
-    keys, vals = _merge_sorted(parts, dt)
+    keys, vals = merge_keyed_runs(parts, presorted=False)
     if jax.process_count() > 1:  # each process merged the windows of its own devices: merge across processes
         keys, vals = allreduce_sorted(keys, vals)
     return keys.astype(dt, copy=False), shrink_counts(vals)

@@ -30,13 +30,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxattn.counts.kernels import DENSE_BINS_MAX, count_tables_keys
-from jaxattn.counts.keys import key_dtype, shrink_counts
+from jaxattn.counts.keys import key_dtype, merge_keyed_runs, shrink_counts
 from jaxattn.counts.tables import CountMatrix, tables_from_keys
 from jaxattn.errors import JaxattnError
 from jaxattn.progress import progress_enabled
@@ -48,7 +48,6 @@ __all__ = [
     "TokenChunk",
     "count_stream",
     "count_stream_keys",
-    "merge_keyed_runs",
     "tables_from_counter",
 ]
 
@@ -73,40 +72,6 @@ class TokenChunk(NamedTuple):
 
     tokens: np.ndarray
     doc_ids: np.ndarray
-
-
-def merge_keyed_runs(runs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Exact sum of keyed runs: the sorted unique keys of all runs with their summed counts.
-
-    Keys whose counts sum to zero are dropped (a run may hold negative counts).
-
-    Args:
-        runs: ``(keys [Z_i], counts [Z_i])`` pairs; keys of one dtype, each run's keys unique.
-
-    Returns:
-        keys [Z] sorted ascending (the runs' key dtype); counts int64 [Z], non-zero.
-    """
-    runs = [r for r in runs if len(r[0])]
-    if not runs:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if len(runs) == 1:
-        k, v = runs[0]
-        keep = np.asarray(v) != 0
-        return np.asarray(k)[keep], np.asarray(v, dtype=np.int64)[keep]
-    keys = np.concatenate([np.asarray(r[0]) for r in runs])
-    vals = np.concatenate([np.asarray(r[1], dtype=np.int64) for r in runs])
-    order = np.argsort(keys, kind="stable")  # timsort finds the sorted runs: a k-way merge
-    keys = keys[order]
-    vals = vals[order]
-    del order
-    new = np.empty(keys.shape[0], bool)
-    new[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=new[1:])
-    first = np.flatnonzero(new)
-    del new
-    sums = np.add.reduceat(vals, first)
-    keep = sums != 0
-    return keys[first[keep]], sums[keep]
 
 
 class _DenseAccumulator:

@@ -279,7 +279,7 @@ def test_merge_of_sorted_runs_against_counter(nruns):
     """The host merge behind allreduce_sorted against a Counter sum (runs may be empty)."""
     from collections import Counter
 
-    import jaxattn.counts.distributed as dist
+    from jaxattn.counts.keys import merge_keyed_runs
 
     rng = np.random.default_rng(nruns)
     runs, ref = [], Counter()
@@ -288,7 +288,7 @@ def test_merge_of_sorted_runs_against_counter(nruns):
         v = rng.integers(1, 2**31 - 1, k.size).astype(np.int32)
         runs.append((k, v))
         ref.update(dict(zip(k.tolist(), v.tolist(), strict=True)))
-    keys, counts = dist._merge_runs(runs)
+    keys, counts = merge_keyed_runs(runs)
     assert keys.tolist() == sorted(ref) and counts.tolist() == [ref[x] for x in sorted(ref)]
     assert counts.dtype == np.int64 and keys.dtype == np.int64
 
