@@ -22,12 +22,12 @@ import numpy as np
 from jaxattn import options
 from jaxattn.cli.common import (
     add_common_arguments,
+    attention_figure_job,
     check_model_config,
     chosen_heads,
     cli_timer,
     load_and_prepare,
     option_knobs,
-    plot_run_attention,
     run_config_from_args,
 )
 from jaxattn.output import (
@@ -42,6 +42,7 @@ from jaxattn.output import (
     write_json,
 )
 from jaxattn.output.documents import language_model_block
+from jaxattn.output.figure_pool import FigurePool, figure_pool
 from jaxattn.output.html_report import report_job
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary
 from jaxattn.progress import Timer
@@ -52,7 +53,6 @@ __all__ = [
     "cmd_analyze",
     "embedding_stats",
     "figure_jobs",
-    "returning",
     "finish_figures",
     "save_artefacts",
     "write_outputs",
@@ -83,17 +83,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     check_model_config(run)
     heads = chosen_heads(args, run)
     timer = cli_timer(args)
-    prep, artefacts = load_and_prepare(args, run, timer=timer, progress=progress)
-    if args.save:
-        with timer.stage("save"):  # the tables first: reusable even if the option fails later
-            artefacts["saved"] = save_artefacts(args.save, prep, None)
-    result = options.run_option(prep, args.option, progress=progress, timer=timer, **option_knobs(args, args.option))
-    if args.save:
-        with timer.stage("save"):
-            artefacts["saved"] = save_artefacts(args.save, prep, result, tables=False)
-    return write_outputs(
-        out, prep, [result], args=args, timer=timer, extra={"artefacts": artefacts} if artefacts else None, heads=heads
-    )
+    # The figure workers start now, so that their start-up overlaps the counting and the derivation.
+    with figure_pool() as pool:
+        prep, artefacts = load_and_prepare(args, run, timer=timer, progress=progress)
+        if args.save:
+            with timer.stage("save"):  # the tables first: reusable even if the option fails later
+                artefacts["saved"] = save_artefacts(args.save, prep, None)
+        knobs = option_knobs(args, args.option)
+        result = options.run_option(prep, args.option, progress=progress, timer=timer, **knobs)
+        if args.save:
+            with timer.stage("save"):
+                artefacts["saved"] = save_artefacts(args.save, prep, result, tables=False)
+        extra = {"artefacts": artefacts} if artefacts else None
+        return write_outputs(out, prep, [result], args=args, timer=timer, extra=extra, heads=heads, pool=pool)
 
 
 def save_artefacts(
@@ -161,22 +163,19 @@ def figure_jobs(
         f"Panel metrics: all {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens."
     )
     jobs: list[tuple[str, Callable[[], Any]]] = [
-        (
-            "expected_vs_actual_attention.png",
-            lambda: plot_run_attention(out, prep, main_res, title, heads=heads, scaling=scaling),
-        )
+        attention_figure_job(out, prep, main_res, title, heads=heads, scaling=scaling)
     ]
-    ranges = plots.metric_ranges([r for res in results for r in res.records])
-    for res in results:
-        prefix = "heatmap" if len(results) == 1 else f"heatmap_{res.option}"
-        draw = functools.partial(plots.plot_metric_heatmaps, out, res.records, prefix=prefix, ranges=ranges)
-        jobs.append((f"{prefix}_*.png", draw))
+    # The two largest figures first, so that figure workers finish together.
     if main_res.params is not None:
         p = out / "embedding_similarity.png"
         label = str(emb_stats.get("embedding", "token embeddings"))
-        embed = main_res.params["embed"]
+        embed = np.asarray(main_res.params["embed"])  # numpy: a figure worker unpickles it without JAX
         draw_emb = functools.partial(plots.plot_embedding_similarity, p, embed, vocab, label=label, stats=emb_stats)
-        jobs.append((p.name, returning(p, draw_emb)))
+        jobs.append((p.name, plots.returning(p, draw_emb)))
+    ranges = plots.metric_ranges([r for res in results for r in res.records])
+    for res in results:
+        prefix = "heatmap" if len(results) == 1 else f"heatmap_{res.option}"
+        jobs += plots.heatmap_jobs(out, res.records, prefix=prefix, ranges=ranges)
     curves = main_res.extra.get("curves") if isinstance(main_res.extra, dict) else None
     if isinstance(curves, dict) and np.size(curves.get("loss", [])) > 0:
         p = out / "training_curves.png"
@@ -185,23 +184,21 @@ def figure_jobs(
     return jobs
 
 
-def returning(path: Path, draw: Callable[[], Any]) -> Callable[[], Path]:
-    """``draw`` returning ``path`` (for a drawing function that returns something else)."""
-
-    def run() -> Path:
-        draw()
-        return path
-
-    return run
-
-
-def finish_figures(out: Path, jobs: list[tuple[str, Callable[[], Any]]], *, progress: bool) -> tuple[list[Path], int]:
+def finish_figures(
+    out: Path, jobs: list[tuple[str, Callable[[], Any]]], *, progress: bool, pool: FigurePool | None = None
+) -> tuple[list[Path], int]:
     """Draws the figures after every result file is written; a failure is one stderr line and status 1.
+
+    Args:
+        out: the output directory (named in the error line).
+        jobs: ``(name, draw)`` figure jobs.
+        progress: a progress bar.
+        pool: figure workers for the jobs that pickle (None: all in this process).
 
     Returns:
         (the figures written, the exit status: 0, or 1 when a figure failed).
     """
-    files, failures = plots.render_figures(jobs, progress=progress)
+    files, failures = plots.render_figures(jobs, progress=progress, pool=pool)
     if not failures:
         return files, 0
     msg = "; ".join(failures)
@@ -222,8 +219,12 @@ def write_outputs(
     timer: Timer,
     extra: dict[str, Any] | None = None,
     heads: list[tuple[int, int]] | None = None,
+    pool: FigurePool | None = None,
 ) -> int:
     """Prints the tables, writes metrics.json, then draws the figures (one or more options).
+
+    With a ``pool``, the figures that pickle are drawn by its workers while this process writes
+    ``report.html``.
 
     Returns:
         The exit status: 0, or 1 when a figure failed (metrics.json is written first either way).
@@ -261,6 +262,7 @@ def write_outputs(
             language_model=jsonable(lm_block),
             extra={
                 "embedding_similarity": emb_stats,
+                "figure_workers": pool.workers if pool is not None else 0,
                 "layer_summary": layer_rows,
                 **({"option_extras": extras} if extras else {}),
                 **(extra or {}),
@@ -273,7 +275,7 @@ def write_outputs(
     )
     jobs.insert(0, report_job(out, prep, results))  # report.html (from metrics.json) before the figures
     with timer.stage("report"):
-        files, status = finish_figures(out, jobs, progress=not getattr(args, "no_progress", False))
+        files, status = finish_figures(out, jobs, progress=not getattr(args, "no_progress", False), pool=pool)
     write_json(out / "metrics.json", document())  # again, with the report's time
     files.append(out / "metrics.json")
     print()

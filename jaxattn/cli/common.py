@@ -7,11 +7,14 @@ for argument errors; :func:`jaxattn.cli.main` for library errors).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+import numpy as np
 
 from jaxattn.caches import cache_dir
 from jaxattn.corpus import directory_glob
@@ -26,6 +29,7 @@ __all__ = [
     "Parser",
     "add_common_arguments",
     "add_figure_arguments",
+    "attention_figure_job",
     "byte_count",
     "check_model_config",
     "compilation_cache_dir",
@@ -35,7 +39,6 @@ __all__ = [
     "load_and_prepare",
     "non_negative_int",
     "option_knobs",
-    "plot_run_attention",
     "positive_int",
     "run_config_from_args",
     "show_warning",
@@ -387,7 +390,7 @@ def chosen_heads(args: argparse.Namespace, run: RunConfig) -> list[tuple[int, in
     return plots.parse_heads(text, config.num_layers, config.num_heads)
 
 
-def plot_run_attention(
+def attention_figure_job(
     out: Path,
     prep: Prepared,
     result: AnalysisResult,
@@ -395,23 +398,32 @@ def plot_run_attention(
     *,
     heads: list[tuple[int, int]] | None = None,
     scaling: str = "absolute",
-) -> Path:
-    """The seed's expected-vs-actual figure of one result on the run's sequence 0; returns its path."""
+) -> tuple[str, Callable[[], Path]]:
+    """The seed's expected-vs-actual figure of one result on the run's sequence 0, as a figure job.
+
+    The job holds sequence 0 only (expected and mask [P, 1, T, T], attention [1, L, H, T, T]), so
+    that a figure worker can take it (:class:`jaxattn.output.figure_pool.FigurePool`).
+
+    Returns:
+        ``(file name, draw)``; ``draw()`` writes ``out/expected_vs_actual_attention.png`` and returns its path.
+    """
     vocab = list(prep.corpus.tokenizer.vocab)
     path = out / "expected_vs_actual_attention.png"
-    plots.plot_expected_vs_actual(
+    draw = functools.partial(
+        plots.plot_expected_vs_actual,
         path,
-        prep.expected,
-        prep.mask,
-        prep.pair_index,
-        result.attn,
+        np.asarray(prep.expected[:, :1]),
+        np.asarray(prep.mask[:, :1]),
+        np.asarray(prep.pair_index),
+        np.asarray(result.attn[:1]),
         result.records,
+        seq=0,
         tokens=[vocab[t] for t in prep.tokens[0]],
         title=title,
         heads=heads,
         scaling=scaling,
     )
-    return path
+    return path.name, plots.returning(path, draw)
 
 
 def show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

@@ -36,21 +36,22 @@ import numpy as np
 
 from jaxattn import diagnostics, options
 from jaxattn.alignment import METRIC_NAMES
-from jaxattn.cli.analyze import embedding_stats, finish_figures, returning
+from jaxattn.cli.analyze import embedding_stats, finish_figures
 from jaxattn.cli.common import (
     add_common_arguments,
+    attention_figure_job,
     check_model_config,
     chosen_heads,
     cli_timer,
     load_and_prepare,
     option_knobs,
-    plot_run_attention,
     run_config_from_args,
 )
 from jaxattn.errors import JaxattnError
 from jaxattn.output import ensure_out_dir, jsonable, metrics_document, plots, tables, write_json
 from jaxattn.output.attention_plots import format_value
 from jaxattn.output.documents import language_model_block
+from jaxattn.output.figure_pool import FigurePool, figure_pool
 from jaxattn.output.html_report import report_job
 from jaxattn.pipeline import AnalysisResult, Prepared, layer_summary, run_baseline
 from jaxattn.progress import Timer, progress_iter
@@ -222,36 +223,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     heads = chosen_heads(args, run)
     out = ensure_out_dir(args.out)
     timer = cli_timer(args)
-    prep, _ = load_and_prepare(args, run, timer=timer, progress=progress)
-    results, base, seconds = run_all(
-        prep,
-        selected,
-        train_steps=train_steps,
-        progress=progress,
-        need_baseline=not skip_diagnostics,
-        timer=timer,
-        option_kw={opt: option_knobs(args, opt) for opt in selected},
-    )
-    ablation_rows = None
-    if not skip_ablation:
-        t0 = time.perf_counter()
-        ablation_rows = options.ablation(prep, progress=progress, timer=timer)
-        seconds["ablation"] = time.perf_counter() - t0
-    diag, verdict_rows = None, None
-    if not skip_diagnostics:
-        assert base is not None and base.params is not None
-        diag = diagnostics.diagnose(prep, base.params, base.attn, progress=progress, timer=timer)
-        verdict_rows = diagnostics.verdicts(diag)
-    outcome = CompareOutcome(results, base, ablation_rows, diag, verdict_rows, seconds, selected, train_steps)
-    _, status = write_compare_outputs(
-        out,
-        prep,
-        outcome,
-        timer=timer,
-        heads=heads,
-        scaling=getattr(args, "attention_scaling", "absolute"),
-        progress=progress,
-    )
+    with figure_pool() as pool:  # started now: the workers' start-up overlaps the options
+        prep, _ = load_and_prepare(args, run, timer=timer, progress=progress)
+        results, base, seconds = run_all(
+            prep,
+            selected,
+            train_steps=train_steps,
+            progress=progress,
+            need_baseline=not skip_diagnostics,
+            timer=timer,
+            option_kw={opt: option_knobs(args, opt) for opt in selected},
+        )
+        ablation_rows = None
+        if not skip_ablation:
+            t0 = time.perf_counter()
+            ablation_rows = options.ablation(prep, progress=progress, timer=timer)
+            seconds["ablation"] = time.perf_counter() - t0
+        diag, verdict_rows = None, None
+        if not skip_diagnostics:
+            assert base is not None and base.params is not None
+            diag = diagnostics.diagnose(prep, base.params, base.attn, progress=progress, timer=timer)
+            verdict_rows = diagnostics.verdicts(diag)
+        outcome = CompareOutcome(results, base, ablation_rows, diag, verdict_rows, seconds, selected, train_steps)
+        _, status = write_compare_outputs(
+            out,
+            prep,
+            outcome,
+            timer=timer,
+            heads=heads,
+            scaling=getattr(args, "attention_scaling", "absolute"),
+            progress=progress,
+            pool=pool,
+        )
     return status
 
 
@@ -305,12 +308,13 @@ def option_figure_jobs(
     if results:
         p = out / "options_comparison.png"
         labels = [res.option for res in results]
-        jobs.append((p.name, returning(p, functools.partial(plots.plot_options_comparison, p, layer_rows, labels))))
+        jobs.append(
+            (p.name, plots.returning(p, functools.partial(plots.plot_options_comparison, p, layer_rows, labels)))
+        )
         ranges = plots.metric_ranges([r for res in results for r in res.records])
         for res in results:
             prefix = f"heatmap_{res.option}"
-            draw = functools.partial(plots.plot_metric_heatmaps, out, res.records, prefix=prefix, ranges=ranges)
-            jobs.append((f"{prefix}_*.png", draw))
+            jobs += plots.heatmap_jobs(out, res.records, prefix=prefix, ranges=ranges)
         shown = attention_result(results, best)
         if shown is not None:
             how = "absolute probability" if scaling == "absolute" else "rows scaled to their max"
@@ -318,20 +322,15 @@ def option_figure_jobs(
                 f"{shown.option} (a derivation, not the ceiling): expected (from counts) vs actual attention, "
                 f"sequence 0; key j on x, query i on y; {how}; blank = masked"
             )
-            jobs.append(
-                (
-                    "expected_vs_actual_attention.png",
-                    lambda: plot_run_attention(out, prep, shown, title, heads=heads, scaling=scaling),
-                )
-            )
+            jobs.append(attention_figure_job(out, prep, shown, title, heads=heads, scaling=scaling))
     if outcome.base is not None and outcome.base.params is not None:
         p = out / "embedding_similarity.png"
-        embed, vocab = outcome.base.params["embed"], list(prep.corpus.tokenizer.vocab)
+        embed, vocab = np.asarray(outcome.base.params["embed"]), list(prep.corpus.tokenizer.vocab)
         label = str(emb_stats.get("embedding", "token embeddings"))
         jobs.append(
             (
                 p.name,
-                returning(
+                plots.returning(
                     p, functools.partial(plots.plot_embedding_similarity, p, embed, vocab, label=label, stats=emb_stats)
                 ),
             )
@@ -358,7 +357,7 @@ def write_ablation_and_diagnostics(
         write_json(out / "ablation.json", {"rows": jsonable(outcome.ablation_rows), "num_layers": num_layers})
         files.append(out / "ablation.json")
         p_abl, ab_rows = out / "ablation.png", outcome.ablation_rows
-        jobs.append((p_abl.name, returning(p_abl, functools.partial(plots.plot_ablation, p_abl, ab_rows))))
+        jobs.append((p_abl.name, plots.returning(p_abl, functools.partial(plots.plot_ablation, p_abl, ab_rows))))
     if outcome.diag is not None:
         rows = diagnostics.summary_rows(outcome.diag)
         print()
@@ -371,7 +370,9 @@ def write_ablation_and_diagnostics(
         write_json(out / "diagnostics.json", doc)
         files.append(out / "diagnostics.json")
         p_diag, diag = out / "diagnostics.png", outcome.diag
-        jobs.append((p_diag.name, returning(p_diag, functools.partial(plots.plot_diagnostics, p_diag, rows, diag))))
+        jobs.append(
+            (p_diag.name, plots.returning(p_diag, functools.partial(plots.plot_diagnostics, p_diag, rows, diag)))
+        )
     return files, jobs
 
 
@@ -399,6 +400,7 @@ def write_compare_outputs(
     heads: list[tuple[int, int]] | None = None,
     scaling: str = "absolute",
     progress: bool = False,
+    pool: FigurePool | None = None,
 ) -> tuple[list[Path], int]:
     """Prints the comparison, writes every result file (atomically), then draws the figures.
 
@@ -443,6 +445,7 @@ def write_compare_outputs(
                 "layer_summary": layer_rows,
                 "option_extras": extras,
                 "embedding_similarity": emb_stats,
+                "figure_workers": pool.workers if pool is not None else 0,
                 "ablation": jsonable(outcome.ablation_rows),
                 "diagnostics": outcome.diag,
                 "verdicts": outcome.verdict_rows,
@@ -453,7 +456,7 @@ def write_compare_outputs(
     jobs = option_figure_jobs(out, prep, outcome, layer_rows, best, emb_stats=emb_stats, heads=heads, scaling=scaling)
     jobs.insert(0, report_job(out, prep, results))  # report.html (from metrics.json) before the figures
     with timer.stage("report"):
-        figs, status = finish_figures(out, jobs + late_jobs, progress=progress)
+        figs, status = finish_figures(out, jobs + late_jobs, progress=progress, pool=pool)
     write_json(out / "metrics.json", document())  # again, with the report's time
     files += [*figs, out / "metrics.json"]
     print()

@@ -12,6 +12,7 @@ every column), sized by the memory budget.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from jaxattn.output.attention_plots import (
     save_figure,
     tick_text,
 )
-from jaxattn.progress import progress_iter
+from jaxattn.output.figure_pool import render_figures, returning
 from jaxattn.typing import ArrayLike, Float
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "SCALINGS",
     "distinct_skip_heads",
     "embedding_similarity_stats",
+    "heatmap_jobs",
     "metric_ranges",
     "parse_heads",
     "pick_layers",
@@ -56,6 +58,7 @@ __all__ = [
     "plot_training_curves",
     "render_figures",
     "repeated_cells",
+    "returning",
     "tick_text",
 ]
 
@@ -76,32 +79,25 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def render_figures(
-    jobs: Sequence[tuple[str, Callable[[], Any]]], *, progress: bool = False
-) -> tuple[list[Path], list[str]]:
-    """Runs figure jobs one by one; a failing job is reported, not raised, so no result is lost.
+def heatmap_jobs(
+    out: Path,
+    records: list[dict[str, Any]],
+    *,
+    prefix: str = "heatmap",
+    ranges: dict[str, tuple[float, float]] | None = None,
+) -> list[tuple[str, Callable[[], Any]]]:
+    """:func:`plot_metric_heatmaps` as one ``(name, draw)`` job per metric (:func:`render_figures`).
 
-    Args:
-        jobs: ``(name, draw)`` pairs; ``draw()`` writes the figure and returns its path, a list of
-            paths, or None.
-        progress: a progress bar over the jobs.
-
-    Returns:
-        (the paths written, ``"name: ExceptionType: message"`` for each job that failed).
+    One job per figure, so that figure workers share them out.
     """
-    files: list[Path] = []
-    failures: list[str] = []
-    for name, draw in progress_iter(jobs, desc="report: figures", enabled=progress):
-        try:
-            got = draw()
-        except Exception as e:  # noqa: BLE001  (any plotting failure; the results are already on disk)
-            failures.append(f"{name}: {type(e).__name__}: {' '.join(str(e).splitlines())}")
-            continue
-        if isinstance(got, (list, tuple)):
-            files += [Path(p) for p in got]
-        elif got is not None:
-            files.append(Path(got))
-    return files, failures
+    ranges = ranges or metric_ranges(records)
+    return [
+        (
+            f"{prefix}_{m}.png",
+            functools.partial(plot_metric_heatmaps, out, records, prefix=prefix, ranges=ranges, metrics=(m,)),
+        )
+        for m in METRIC_NAMES
+    ]
 
 
 def metric_ranges(records: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
@@ -189,6 +185,7 @@ def plot_metric_heatmaps(
     *,
     prefix: str = "heatmap",
     ranges: dict[str, tuple[float, float]] | None = None,
+    metrics: Sequence[str] = METRIC_NAMES,
 ) -> list[Path]:
     """One layer x head heatmap per metric (annotated), for one option's records.
 
@@ -200,6 +197,8 @@ def plot_metric_heatmaps(
         prefix: file names ``{prefix}_{metric}.png``.
         ranges: ``{metric: (lo, hi)}`` colour ranges (:func:`metric_ranges` of every option, so that
             colours compare across options); default: this option's own.
+        metrics: which metrics to draw (default: all of ``METRIC_NAMES``; one each makes one figure job
+            per metric, for figure workers).
 
     Returns:
         The paths written.
@@ -210,8 +209,11 @@ def plot_metric_heatmaps(
     ranges = ranges or metric_ranges(records)
     sources = _repeat_sources(records)
     repeats = set(sources)
+    unknown = [m for m in metrics if m not in METRIC_LABELS]
+    if unknown:
+        raise JaxattnError(f"unknown heatmap metric(s) {unknown}; expected some of {list(METRIC_NAMES)}")
     paths = []
-    for m in METRIC_NAMES:
+    for m in metrics:
         grid = np.full((L, H), np.nan)
         for r in records:
             grid[r["layer"], r["head"]] = _num(r.get(m))
