@@ -11,9 +11,10 @@ closure over the run) is drawn in the main process, as before.
 Where the workers come from. They are forked from a ``forkserver``: a fresh interpreter that imports
 the plotting modules once and forks each worker from itself. Nothing forks the main process,
 whose JAX runtime runs threads (a fork of it can deadlock). The server is started in a background
-thread when a run begins (:meth:`FigurePool.start`), so its start-up (importing JAX and matplotlib,
-about 2 s of one core) overlaps the counting and the derivation; each worker then draws a small
-figure to load matplotlib's fonts before the first real figure arrives.
+thread when a run begins (:meth:`FigurePool.start`), so its start-up (importing JAX and matplotlib
+and drawing one small figure to load the fonts, about 2 s of one core at a lower priority:
+:mod:`jaxattn.output.figure_server`) overlaps the counting and the derivation; the workers forked
+from it start warm.
 
 ``JAXATTN_FIGURE_WORKERS=N`` sets the number of workers; ``0`` draws every figure in the main
 process. The default is 2 for jaxattn's own command on a machine with more than one core, and 0
@@ -63,9 +64,10 @@ FIGURE_WORKERS_ENV = "JAXATTN_FIGURE_WORKERS"
 #: How long :meth:`FigurePool.ready` waits for the workers' start-up before drawing in this process.
 START_TIMEOUT_S = 120.0
 
-#: What the forkserver imports once, before it forks any worker: its priority first, then the CLI
-#: (which a worker imports again when the program is the ``jaxattn`` script) and the figures.
-_PRELOAD = ["jaxattn.output.figure_server", "jaxattn.cli", "jaxattn.output.plots"]
+#: What the forkserver imports once, before it forks any worker: its start-up (the priority, the
+#: figures, a warm matplotlib), then the CLI (which a worker imports again when the program is the
+#: ``jaxattn`` script).
+_PRELOAD = ["jaxattn.output.figure_server", "jaxattn.cli"]
 
 
 def figure_workers(default: int | None = None) -> int:
@@ -106,9 +108,10 @@ def started_as_jaxattn() -> bool:
 
 
 def warm_worker() -> None:
-    """Each worker's start: matplotlib on Agg, one small figure drawn to memory (loads the fonts).
+    """The server's warm-up: matplotlib on Agg, one small figure drawn to memory (loads the fonts).
 
-    A failure here is ignored: the worker then loads what it needs with its first figure.
+    Run once in the forkserver (:mod:`jaxattn.output.figure_server`), so every worker forked from it
+    starts warm. A failure here is ignored: a worker then loads what it needs with its first figure.
     """
     try:
         from jaxattn.output.attention_plots import pyplot
@@ -172,7 +175,7 @@ class FigurePool:
         try:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(_PRELOAD)
-            executor = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=warm_worker)
+            executor = cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
             # One submission per worker: the executor forks a worker for each while none is idle.
             for _ in range(self.workers):
                 executor.submit(int)
