@@ -131,7 +131,7 @@ def test_an_error_in_the_run_abandons_the_pool_without_waiting():
     with pytest.raises(RuntimeError, match="the run failed"), figure_pool(2) as p:
         assert p is not None
         raise RuntimeError("the run failed")
-    assert p._executor is None  # noqa: SLF001  (stopped, not left running)
+    assert not p.ready()  # stopped, not left running for the jobs of a run that failed
 
 
 def test_cli_figures_with_and_without_workers(tmp_path):
