@@ -55,7 +55,7 @@ __all__ = [
     "returning",
     "run_pickled",
     "started_as_jaxattn",
-    "warm_worker",
+    "warm_matplotlib",
 ]
 
 #: The environment variable with the number of figure workers (0: draw in the main process).
@@ -107,7 +107,7 @@ def started_as_jaxattn() -> bool:
     return path is not None and Path(path).stem in ("jaxattn", "jaxattn-script")
 
 
-def warm_worker() -> None:
+def warm_matplotlib() -> None:
     """The server's warm-up: matplotlib on Agg, one small figure drawn to memory (loads the fonts).
 
     Run once in the forkserver (:mod:`jaxattn.output.figure_server`), so every worker forked from it

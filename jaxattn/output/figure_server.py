@@ -12,6 +12,6 @@ import os
 if hasattr(os, "nice"):
     os.nice(10)
 
-from jaxattn.output.figure_pool import warm_worker  # noqa: E402  (after the priority: the imports are the work)
+from jaxattn.output.figure_pool import warm_matplotlib  # noqa: E402  (after the priority: the imports are the work)
 
-warm_worker()
+warm_matplotlib()
